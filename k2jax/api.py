@@ -1,0 +1,106 @@
+"""The user-facing model handle: `k2jax.load_hf(dir).logits(token_ids)`."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from k2jax.config import K2Config, from_hf_config
+from k2jax.init import abstract_model, init_model, state_shardings
+from k2jax.sharding import ShardingRules, batch_divisor, check_divisible, make_mesh
+
+
+class Model:
+    """A K2 model placed on a mesh: config, mesh, rules, graphdef and the (sharded) state."""
+
+    def __init__(self, config: K2Config, graphdef, state, mesh: Mesh, rules: ShardingRules):
+        self.config, self.graphdef, self.state, self.mesh, self.rules = config, graphdef, state, mesh, rules
+
+    @property
+    def module(self):
+        """The nnx Transformer holding this model's state."""
+        return nnx.merge(self.graphdef, self.state)
+
+    @functools.cached_property
+    def _forward(self):
+        def fwd(state, tokens, positions, segment_ids):
+            return nnx.merge(self.graphdef, state)(tokens, positions, segment_ids)
+
+        return jax.jit(fwd)
+
+    def logits(self, token_ids, positions=None, segment_ids=None) -> jax.Array:
+        """float32 logits [batch, seq, vocab] for int token ids [batch, seq] (optional positions / segment ids)."""
+        tokens = np.asarray(token_ids)
+        if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
+            raise ValueError(f"token_ids: expected an int array [batch, seq], got {tokens.dtype} {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"token_ids: ids must lie in [0, vocab_size={self.config.vocab_size}), got "
+                             f"[{tokens.min()}, {tokens.max()}]")
+        if tokens.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"token_ids: sequence length {tokens.shape[1]} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        b = tokens.shape[0]
+        pad = -b % batch_divisor(self.mesh, self.rules)
+
+        def prep(a, dtype):
+            if a is None:
+                return None
+            a = np.asarray(a, dtype)
+            return np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a
+
+        batch_sharding = self.rules.sharding(("batch", None), self.mesh)
+        args = [prep(tokens, np.int32), prep(positions, np.int32), prep(segment_ids, np.int32)]
+        args = [None if a is None else jax.device_put(a, batch_sharding) for a in args]
+        with jax.set_mesh(self.mesh):
+            out = self._forward(self.state, *args)
+        return out[:b] if pad else out
+
+
+def _resolve(config: K2Config, dtype) -> K2Config:
+    if dtype is None:
+        return config
+    name = jnp.dtype(dtype).name
+    return config.replace(param_dtype=name, dtype=name)
+
+
+def _mesh(mesh) -> Mesh:
+    if mesh is None:
+        return make_mesh("", devices=jax.devices()[:1])
+    if isinstance(mesh, Mesh):
+        return mesh
+    return make_mesh(mesh)
+
+
+def load_hf(hf_dir: str, mesh: Mesh | str | None = None, dtype="float32", *, rules: ShardingRules | None = None,
+            ignore_mtp: bool = False, **overrides) -> Model:
+    """Loads an HF-format K2 / DeepSeek-V3 folder (config.json + safetensors) into a Model on `mesh`.
+
+    `mesh`: a Mesh, a spec such as 'data=2,expert=4', or None for one device. `dtype` sets parameter and
+    compute dtype. Every tensor is checked against the config before any weight is read.
+    """
+    from k2jax.hf import load_hf_state
+
+    config = _resolve(from_hf_config(hf_dir, ignore_mtp=ignore_mtp, **overrides), dtype)
+    rules = rules or ShardingRules()
+    mesh = _mesh(mesh)
+    rules.check()
+    check_divisible(config, mesh, rules)
+    graphdef, abstract = abstract_model(config, rules)
+    shardings = state_shardings(abstract, mesh, rules)
+    extra = (f"model.layers.{config.num_hidden_layers}.",) if ignore_mtp else ()
+    state = load_hf_state(hf_dir, config, abstract, shardings, allow_extra=extra)
+    return Model(config, graphdef, state, mesh, rules)
+
+
+def random_model(config: K2Config, mesh: Mesh | str | None = None, *, rules: ShardingRules | None = None,
+                 seed: int = 0) -> Model:
+    """A randomly initialised Model (abstract-first, created in place on `mesh`)."""
+    rules = rules or ShardingRules()
+    mesh = _mesh(mesh)
+    graphdef, state = init_model(config, mesh, rules, seed)
+    return Model(config, graphdef, state, mesh, rules)

@@ -1,0 +1,1 @@
+"""Command-line entry points (thin absl mains over importable modules)."""

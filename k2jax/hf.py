@@ -1,0 +1,210 @@
+"""The HF (official release) tensor names of every k2jax parameter, and loading HF safetensors into a mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from k2jax.config import K2Config
+from k2jax.layers.common import dtype_of
+from k2jax.safetensors_io import CheckpointError, SafetensorsFolder
+
+FP8_BLOCK = 128
+
+# Block-local parameter path -> HF name under `model.layers.N.` ({e} = expert index).
+_BLOCK = {
+    ("attn_norm", "scale"): "input_layernorm.weight",
+    ("mlp_norm", "scale"): "post_attention_layernorm.weight",
+    ("attn", "q_a"): "self_attn.q_a_proj.weight",
+    ("attn", "q_norm", "scale"): "self_attn.q_a_layernorm.weight",
+    ("attn", "q_b"): "self_attn.q_b_proj.weight",
+    ("attn", "kv_a"): "self_attn.kv_a_proj_with_mqa.weight",
+    ("attn", "kv_norm", "scale"): "self_attn.kv_a_layernorm.weight",
+    ("attn", "kv_b"): "self_attn.kv_b_proj.weight",
+    ("attn", "o"): "self_attn.o_proj.weight",
+}
+_DENSE = {("mlp", "gate"): "mlp.gate_proj.weight", ("mlp", "up"): "mlp.up_proj.weight",
+          ("mlp", "down"): "mlp.down_proj.weight"}
+_MOE = {
+    ("mlp", "router"): "mlp.gate.weight",
+    ("mlp", "router_bias"): "mlp.gate.e_score_correction_bias",
+    ("mlp", "wg"): "mlp.experts.{e}.gate_proj.weight",
+    ("mlp", "wu"): "mlp.experts.{e}.up_proj.weight",
+    ("mlp", "wd"): "mlp.experts.{e}.down_proj.weight",
+    ("mlp", "shared", "gate"): "mlp.shared_experts.gate_proj.weight",
+    ("mlp", "shared", "up"): "mlp.shared_experts.up_proj.weight",
+    ("mlp", "shared", "down"): "mlp.shared_experts.down_proj.weight",
+}
+_TOP = {("embed",): "model.embed_tokens.weight", ("final_norm", "scale"): "model.norm.weight",
+        ("lm_head",): "lm_head.weight"}
+IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One k2jax array assembled from HF tensors: stacked over `layers`, optionally over experts.
+
+    `template` is the HF name with {layer} and {e} fields; an HF tensor [out, in] is transposed and reshaped
+    to `unit_shape` (the destination shape without the layer/expert axes); 1-D tensors are copied.
+    """
+
+    path: tuple[str, ...]
+    template: str
+    layers: tuple[int, ...] | None
+    n_experts: int | None
+    unit_shape: tuple[int, ...]
+    hf_shape: tuple[int, ...]
+    transposed: bool = True
+
+    def hf_names(self) -> list[str]:
+        layers = self.layers if self.layers is not None else (None,)
+        experts = range(self.n_experts) if self.n_experts else (None,)
+        return [self.template.format(layer=l, e=e) for l in layers for e in experts]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        lead = ((len(self.layers),) if self.layers is not None else ()) + ((self.n_experts,) if self.n_experts else ())
+        return lead + self.unit_shape
+
+    def to_unit(self, hf: np.ndarray) -> np.ndarray:
+        """HF tensor -> destination unit layout."""
+        return hf if hf.ndim == 1 or not self.transposed else hf.T.reshape(self.unit_shape)
+
+    def to_hf(self, unit: np.ndarray) -> np.ndarray:
+        """Destination unit -> HF tensor layout (the inverse of to_unit)."""
+        if unit.ndim == 1 or not self.transposed:
+            return unit
+        rows = self.hf_shape[1]
+        return unit.reshape(rows, -1).T
+
+
+def tensor_maps(config: K2Config, abstract_state) -> list[TensorMap]:
+    """Every k2jax parameter with the HF tensors it comes from (official names, `lm_head.weight` included)."""
+    c = config
+    shapes = {p: tuple(v.shape) for p, v in nnx.to_flat_state(abstract_state)}
+    stacks = {"dense_layers": (_DENSE, tuple(range(c.num_dense_layers))),
+              "moe_layers": (_MOE, tuple(range(c.num_dense_layers, c.num_hidden_layers)))}
+    maps = []
+    for path, shape in shapes.items():
+        if path in _TOP:
+            maps.append(_make(path, _TOP[path], None, None, shape))
+            continue
+        stack, rest = path[0], path[1:]
+        table, layers = stacks[stack]
+        name = _BLOCK.get(rest) or table.get(rest)
+        if name is None:
+            raise KeyError(f"no HF name for parameter {'/'.join(path)}")
+        experts = c.n_routed_experts if "{e}" in name else None
+        unit = shape[2:] if experts else shape[1:]
+        maps.append(_make(path, "model.layers.{layer}." + name, layers, experts, unit))
+    return maps
+
+
+def _make(path, template, layers, experts, unit_shape):
+    if len(unit_shape) == 1:
+        hf_shape = unit_shape
+    else:
+        rows = unit_shape[0]  # [in, ...out] -> HF [out, in]
+        hf_shape = (math.prod(unit_shape) // rows, rows)
+    if path[-1] in ("o",):  # o: [heads, v, d] = [in..., out]: HF [d, heads*v]
+        hf_shape = (unit_shape[-1], math.prod(unit_shape[:-1]))
+    if path == ("embed",):  # the embedding table is [vocab, d] on both sides
+        return TensorMap(path, template, layers, experts, tuple(unit_shape), tuple(unit_shape), transposed=False)
+    return TensorMap(path, template, layers, experts, tuple(unit_shape), hf_shape)
+
+
+def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, name: str) -> np.ndarray:
+    """float32 W[i, j] = fp8[i, j] * scale_inv[i // 128, j // 128] (edge blocks partial)."""
+    out, inp = w.shape
+    want = (-(-out // FP8_BLOCK), -(-inp // FP8_BLOCK))
+    if tuple(scale_inv.shape) != want:
+        raise CheckpointError(f"tensor {name}_scale_inv: expected shape {list(want)} for {name} of shape "
+                              f"{[out, inp]}, got {list(scale_inv.shape)}")
+    s = np.repeat(np.repeat(scale_inv.astype(np.float32), FP8_BLOCK, 0), FP8_BLOCK, 1)[:out, :inp]
+    return w.astype(np.float32) * s
+
+
+class HFSource:
+    """Reads k2jax arrays (or any slice of them) out of an HF safetensors folder, dequantising FP8."""
+
+    def __init__(self, folder: SafetensorsFolder, maps: list[TensorMap], *, allow_extra: tuple[str, ...] = ()):
+        self.folder, self.maps = folder, {m.path: m for m in maps}
+        self.validate(allow_extra)
+
+    def validate(self, allow_extra=()) -> None:
+        """Every expected tensor present with its expected shape; no unknown tensors. Raises CheckpointError."""
+        where = self.folder.folder
+        expected = set()
+        for m in self.maps.values():
+            for name in m.hf_names():
+                expected.add(name)
+                if name not in self.folder:
+                    raise CheckpointError(f"{where}: tensor {name} is missing (expected shape {list(m.hf_shape)})")
+                dtype, shape = self.folder.info(name)
+                if shape != m.hf_shape:
+                    raise CheckpointError(f"{where}: tensor {name} has shape {list(shape)}, expected "
+                                          f"{list(m.hf_shape)}")
+                if dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+                    if name + "_scale_inv" not in self.folder:
+                        raise CheckpointError(f"{where}: FP8 tensor {name} has no {name}_scale_inv")
+                    expected.add(name + "_scale_inv")
+                elif dtype.kind not in "f" and dtype != np.dtype(ml_dtypes.bfloat16):
+                    raise CheckpointError(f"{where}: tensor {name} has dtype {dtype}, expected a float type")
+        unknown = sorted(n for n in self.folder.names() if n not in expected and not IGNORED.match(n)
+                         and not any(n.startswith(p) for p in allow_extra))
+        if unknown:
+            more = f" (and {len(unknown) - 20} more)" if len(unknown) > 20 else ""
+            raise CheckpointError(f"{where}: unknown tensor names not in this architecture: "
+                                  f"{', '.join(unknown[:20])}{more}")
+
+    def hf_tensor(self, name: str) -> np.ndarray:
+        """One HF tensor as float32 (FP8 dequantised with its block scales)."""
+        w = self.folder.get(name)
+        if w.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+            return dequantize_fp8(w, self.folder.get(name + "_scale_inv"), name)
+        return w.astype(np.float32)
+
+    def read(self, path: tuple[str, ...], index=None, dtype=np.float32) -> np.ndarray:
+        """The slice `index` (a tuple of slices) of the k2jax array at `path`, assembled from HF tensors."""
+        m = self.maps[path]
+        index = tuple(index) if index is not None else ()
+        index = index + (slice(None),) * (len(m.shape) - len(index))
+        rest = list(index)
+        layers = [None] if m.layers is None else list(m.layers)[rest.pop(0)]
+        experts = [None] if not m.n_experts else list(range(m.n_experts))[rest.pop(0)]
+        units = [[m.to_unit(self.hf_tensor(m.template.format(layer=l, e=e)))[tuple(rest)].astype(dtype)
+                  for e in experts] for l in layers]
+        out = np.stack([np.stack(u) for u in units])
+        if not m.n_experts:
+            out = out[:, 0]
+        if m.layers is None:
+            out = out[0]
+        return out
+
+
+def load_state(source: HFSource, abstract_state, shardings, param_dtype):
+    """The model state with every array built shard by shard on its devices from `source`."""
+    flat = dict(nnx.to_flat_state(abstract_state))
+    flat_sh = dict(nnx.to_flat_state(shardings))
+    out = {}
+    for path, var in flat.items():
+        dtype = var.dtype if path[-1] == "router_bias" else param_dtype
+        sharding = flat_sh[path].get_value()
+        arr = jax.make_array_from_callback(
+            tuple(var.shape), sharding, lambda idx, p=path, d=dtype: source.read(p, idx, np.dtype(d)))
+        out[path] = var.replace(arr)
+    return nnx.from_flat_state(out)
+
+
+def load_hf_state(hf_dir: str, config: K2Config, abstract_state, shardings, allow_extra=()):
+    """Validates the folder against the config, then loads it into `shardings`. Errors name the tensor."""
+    folder = SafetensorsFolder(hf_dir)
+    source = HFSource(folder, tensor_maps(config, abstract_state), allow_extra=allow_extra)
+    return load_state(source, abstract_state, shardings, dtype_of(config.param_dtype))

@@ -1,0 +1,1 @@
+"""Flax NNX building blocks of the K2 architecture."""

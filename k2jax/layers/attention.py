@@ -1,0 +1,71 @@
+"""Multi-head latent attention (MLA) with decoupled YaRN RoPE, causal and segment masking."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from k2jax.layers.common import RMSNorm, dtype_of, param
+from k2jax.layers.rope import apply_rope
+from k2jax.sharding import ShardingRules, constrain
+
+
+def attention_mask(segment_ids_bt: jax.Array | None, t: int) -> jax.Array:
+    """Boolean [b or 1, 1, t, t]: causal, and within one segment (packed documents never attend across)."""
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
+    if segment_ids_bt is None:
+        return causal
+    same = segment_ids_bt[:, None, :, None] == segment_ids_bt[:, None, None, :]
+    return causal & same
+
+
+class MLAttention(nnx.Module):
+    """MLA: q = W_qb·norm(W_qa·x); [c_kv ‖ k_rope] = W_kva·x; [k_nope ‖ v] = W_kvb·norm(c_kv)."""
+
+    def __init__(self, config, rules: ShardingRules, *, rngs: nnx.Rngs):
+        c = config
+        pd, std = dtype_of(c.param_dtype), c.initializer_range
+        self.q_a = param(rngs, (c.hidden_size, c.q_lora_rank), ("embed", "q_lora"), pd, std=std)
+        self.q_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, pd, rngs=rngs)
+        self.q_b = param(rngs, (c.q_lora_rank, c.num_attention_heads, c.qk_head_dim),
+                         ("q_lora", "heads", "head_dim"), pd, std=std)
+        self.kv_a = param(rngs, (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim), ("embed", "kv_lora"), pd,
+                          std=std)
+        self.kv_norm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, pd, rngs=rngs)
+        self.kv_b = param(rngs, (c.kv_lora_rank, c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim),
+                          ("kv_lora", "heads", "head_dim"), pd, std=std)
+        self.o = param(rngs, (c.num_attention_heads, c.v_head_dim, c.hidden_size), ("heads", "head_dim", "embed"),
+                       pd, std=std)
+        self.config, self.rules, self.dtype = c, rules, dtype_of(c.dtype)
+
+    def project(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array):
+        """Queries q_nope [b,t,h,n], q_rope [b,t,h,r] and the normalised latent c [b,t,c], rotated k_rope [b,t,r]."""
+        c, dt = self.config, self.dtype
+        x = x_btd.astype(dt)
+        q_btq = self.q_norm(jnp.einsum("btd,dq->btq", x, self.q_a[...].astype(dt)))
+        q_bthk = jnp.einsum("btq,qhk->bthk", q_btq, self.q_b[...].astype(dt))
+        q_bthk = constrain(q_bthk, self.rules, ("batch", "act_seq", "act_heads", None))
+        q_nope, q_rope = q_bthk[..., : c.qk_nope_head_dim], q_bthk[..., c.qk_nope_head_dim:]
+        kv_btc = jnp.einsum("btd,dc->btc", x, self.kv_a[...].astype(dt))
+        latent_btc = self.kv_norm(kv_btc[..., : c.kv_lora_rank])
+        k_rope_btr = apply_rope(kv_btc[..., c.kv_lora_rank:], cos, sin)
+        q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None])
+        return q_nope, q_rope, latent_btc, k_rope_btr
+
+    def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_bt: jax.Array | None):
+        """Self-attention over x [b, t, d]; returns (out [b, t, d], max pre-softmax logit per head [h])."""
+        c, dt = self.config, self.dtype
+        q_nope, q_rope, latent_btc, k_rope_btr = self.project(x_btd, cos, sin)
+        kv_bshk = jnp.einsum("bsc,chk->bshk", latent_btc, self.kv_b[...].astype(dt))
+        kv_bshk = constrain(kv_bshk, self.rules, ("batch", "act_seq", "act_heads", None))
+        k_nope, v_bshv = kv_bshk[..., : c.qk_nope_head_dim], kv_bshk[..., c.qk_nope_head_dim:]
+        scores = jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bthr,bsr->bhts", q_rope, k_rope_btr, preferred_element_type=jnp.float32)
+        scores *= c.softmax_scale
+        mask = attention_mask(segment_ids_bt, x_btd.shape[1])
+        max_logit_h = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=(0, 2, 3))
+        probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(dt)
+        out_bthv = jnp.einsum("bhts,bshv->bthv", probs, v_bshv)
+        out = jnp.einsum("bthv,hvd->btd", out_bthv, self.o[...].astype(dt))
+        return out, jax.lax.stop_gradient(max_logit_h)

@@ -1,0 +1,88 @@
+"""Sigmoid-routed mixture of experts with a shared expert; experts split over the `expert` mesh axis."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from k2jax.layers.common import MLP, RouterBias, dtype_of, param
+from k2jax.layers.grouped import expert_ffn
+from k2jax.layers.routing import route
+from k2jax.sharding import ShardingRules
+
+
+class MoE(nnx.Module):
+    """Routed experts (kernels [e, d, f], [e, f, d]) plus n_shared_experts folded into one SwiGLU MLP."""
+
+    def __init__(self, config, rules: ShardingRules, *, rngs: nnx.Rngs):
+        c = config
+        pd, std = dtype_of(c.param_dtype), c.initializer_range
+        e, d, f = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
+        self.router = param(rngs, (d, e), ("embed", "router_experts"), pd, std=std)
+        self.router_bias = param(rngs, (e,), ("router_experts",), jnp.float32, fill=0.0, kind=RouterBias)
+        self.wg = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), pd, std=std)
+        self.wu = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), pd, std=std)
+        self.wd = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), pd, std=std)
+        self.shared = (MLP(d, f * c.n_shared_experts, std, pd, dtype_of(c.dtype), rngs=rngs)
+                       if c.n_shared_experts else None)
+        self.config, self.rules, self.dtype = c, rules, dtype_of(c.dtype)
+
+    def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, dict]:
+        """MoE feed-forward of x [b, t, d]; stats hold per-expert loads [e] and router scores for the aux loss."""
+        c = self.config
+        b, t, d = x_btd.shape
+        x_td = x_btd.astype(self.dtype).reshape(b * t, d)
+        idx, weights, scores = route(x_td, self.router[...], self.router_bias[...], top_k=c.num_experts_per_tok,
+                                     n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
+                                     scaling=c.routed_scaling_factor)
+        wg, wu, wd = (w[...].astype(self.dtype) for w in (self.wg, self.wu, self.wd))
+        y_td = routed_experts(x_td, idx, weights, wg, wu, wd, self.rules, impl=c.moe_impl,
+                              block_size=c.moe_block_size)
+        if self.shared is not None:
+            y_td = y_td + self.shared(x_td)
+        load_e = jnp.zeros((c.n_routed_experts,), jnp.float32).at[idx.reshape(-1)].add(1.0)
+        stats = {"expert_load": jax.lax.stop_gradient(load_e),
+                 "router_scores": scores.reshape(b, t, c.n_routed_experts), "expert_ids": idx.reshape(b, t, -1)}
+        return y_td.reshape(b, t, d).astype(x_btd.dtype), stats
+
+
+def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl: str, block_size: int = 0):
+    """Dropless routed-expert output [t, d]; on a mesh with expert/tensor axes the tokens travel, not weights.
+
+    Each `expert` shard all-gathers the tokens (and their routing) of its expert group, computes the assignments
+    of its local experts, and a reduce-scatter returns every token's sum to the shard that owns the token.
+    The `tensor` axis splits each expert's hidden dim (partial sums are added with a psum).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    ep = mesh.shape.get("expert", 1) if not mesh.empty else 1
+    tp = mesh.shape.get("tensor", 1) if not mesh.empty else 1
+    if ep == 1 and tp == 1:
+        return expert_ffn(x_td, idx_tk, w_tk, wg, wu, wd, impl=impl, block_size=block_size)
+    tok = rules.spec(("batch", None), mesh)
+    w_in = rules.spec(("experts", None, "expert_mlp"), mesh)
+    w_out = rules.spec(("experts", "expert_mlp", None), mesh)
+    n_local = wg.shape[0] // ep
+    split = "expert" in jax.tree.leaves(tuple(tok))  # are tokens split over the expert axis, or replicated?
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok,
+                       check_vma=False)
+    def local(x, idx, w, g, u, dn):
+        if ep > 1 and split:
+            x = jax.lax.all_gather(x, "expert", axis=0, tiled=True)
+            idx = jax.lax.all_gather(idx, "expert", axis=0, tiled=True)
+            w = jax.lax.all_gather(w, "expert", axis=0, tiled=True)
+        if ep > 1:
+            idx = idx - jax.lax.axis_index("expert") * n_local
+        y = expert_ffn(x, idx, w, g, u, dn, impl=impl, block_size=block_size)
+        if tp > 1:
+            y = jax.lax.psum(y, "tensor")
+        if ep > 1:
+            y = (jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True) if split
+                 else jax.lax.psum(y, "expert"))
+        return y
+
+    return local(x_td, idx_tk, w_tk, wg, wu, wd)

@@ -1,0 +1,124 @@
+"""Reading and writing safetensors files with NumPy memory maps (no pickle, no torch, bf16/fp8 via ml_dtypes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be read as the model; the message names the file or tensor."""
+
+
+class SafetensorsFile:
+    """One .safetensors file: `header[name] = (dtype, shape)`, `get(name)` a zero-copy memory-mapped array."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > 100_000_000:
+                    raise ValueError("header too large")
+                raw = json.loads(f.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        self.metadata = raw.pop("__metadata__", None) or {}
+        self._offset = 8 + n
+        self.entries = {}
+        for name, info in raw.items():
+            if info["dtype"] not in DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            self.entries[name] = (DTYPES[info["dtype"]], tuple(info["shape"]), tuple(info["data_offsets"]))
+        self._mm = None
+
+    def keys(self):
+        return self.entries.keys()
+
+    def get(self, name: str) -> np.ndarray:
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        dtype, shape, (start, end) = self.entries[name]
+        buf = self._mm[self._offset + start: self._offset + end]
+        return buf.view(dtype).reshape(shape)
+
+
+class SafetensorsFolder:
+    """All tensors of an HF folder: `model.safetensors.index.json` with its shards, or one `model.safetensors`."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        index = os.path.join(folder, "model.safetensors.index.json")
+        single = os.path.join(folder, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map", {})
+            files = sorted(set(weight_map.values()))
+            missing = [fn for fn in files if not os.path.isfile(os.path.join(folder, fn))]
+            if missing:
+                raise CheckpointError(f"{index} names shard files that are missing: {', '.join(missing)}")
+        elif os.path.isfile(single):
+            files, weight_map = ["model.safetensors"], None
+        else:
+            raise CheckpointError(f"{folder}: no model.safetensors.index.json or model.safetensors")
+        self.files = {fn: SafetensorsFile(os.path.join(folder, fn)) for fn in files}
+        self.where: dict[str, str] = {}
+        for fn, st in self.files.items():
+            for name in st.keys():
+                self.where[name] = fn
+        if weight_map is not None:
+            absent = [n for n, fn in weight_map.items() if n not in self.files[fn].entries]
+            if absent:
+                raise CheckpointError(f"{index}: tensors listed but absent from their shard: {absent[:10]}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        dtype, shape, _ = self.files[self.where[name]].entries[name]
+        return dtype, shape
+
+    def get(self, name: str) -> np.ndarray:
+        return self.files[self.where[name]].get(name)
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
+    """Writes `tensors` to `path` atomically (a temporary file renamed into place)."""
+    header, offset = {}, 0
+    items = list(tensors.items())
+    for name, arr in items:
+        nbytes = arr.size * arr.dtype.itemsize
+        header[name] = {"dtype": NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, arr in items:
+            f.write(np.ascontiguousarray(arr).tobytes())
+    os.replace(tmp, path)
+
+
+def iter_tensors(folder: SafetensorsFolder) -> Iterator[tuple[str, np.ndarray]]:
+    for name in folder.names():
+        yield name, folder.get(name)

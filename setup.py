@@ -1,0 +1,32 @@
+from setuptools import setup
+
+setup(
+    name="k2jax",
+    version="0.1.0",
+    description="Kimi K2 (DeepSeek-V3 architecture) in JAX and Flax NNX, sharded for TPU pods",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=["k2jax", "k2jax.layers", "k2jax.configs", "k2jax.cli"],
+    package_dir={"k2jax.configs": "configs"},
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "tensorstore>=0.1.86,<0.2",
+        "grain>=0.2.18,<0.3",
+        "tiktoken>=0.14,<0.15",
+        "absl-py>=2.5,<3",
+        "numpy>=2.0",
+        "ml_dtypes>=0.5",
+    ],
+    extras_require={
+        "test": ["pytest>=9", "torch==2.13.0", "transformers==5.24.0", "safetensors>=0.8"],
+    },
+    entry_points={
+        "console_scripts": [
+            "k2jax-forward=k2jax.cli.forward:run",
+        ],
+    },
+)
