@@ -3,12 +3,14 @@
 Two formulations with the same result:
 - "ragged": rows sorted by expert and `jax.lax.ragged_dot` (costs ~1x the ideal on TPU/GPU, but lowers to
   dense work over every expert on the CPU backend);
-- "blocks": rows sorted by expert, each expert's group padded to a multiple of a row block, and one batched
-  matmul over blocks, each block gathering its expert's weights (near-ideal on CPU: padding < 1 block/expert).
+- "blocks": rows sorted by expert, each expert's group padded to a multiple of a row block, and a loop over
+  the blocks, each multiplying by its expert's weights read in place (near-ideal on CPU: padding < 1 block
+  per expert, and blocks past the last used one are skipped at run time).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -23,7 +25,7 @@ def resolve_impl(impl: str) -> str:
 
 
 def block_size_for(rows: int, n_groups: int, requested: int = 0) -> int:
-    """Rows per block: padding (< one block per non-empty group) stays within ~1/8 of `rows`."""
+    """Rows per block: the static padding bound (under one block per non-empty group) stays within 1/8 of `rows`."""
     if requested:
         return requested
     groups = max(1, min(n_groups, rows))
@@ -37,8 +39,67 @@ def _swiglu_rows(x_md, wg, wu, wd, gs, dtype):
     return jax.lax.ragged_dot((jax.nn.silu(g) * u).astype(dtype), wd, gs, preferred_element_type=dtype)
 
 
+def _scan_blocks(fn, n_used, xs, init_carry=None, unroll=1):
+    """scan over blocks i = 0..n-1 of fn(carry, i, *x_i) -> (carry, y_i), skipping blocks i >= n_used."""
+    n = xs[0].shape[0]
+
+    def body(carry, inp):
+        i, *x = inp
+        y_shape = jax.eval_shape(lambda c, *a: fn(c, i, *a)[1], carry, *x)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), y_shape)
+        return jax.lax.cond(i < n_used, lambda c: fn(c, i, *x), lambda c: (c, zeros), carry)
+
+    return jax.lax.scan(body, init_carry, (jnp.arange(n),) + tuple(xs), unroll=n if unroll == 0 else unroll)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def block_swiglu(x_nbd, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll=1):
+    """y[n] = SwiGLU_e(x[n]) with e = block_expert[n], for blocks n < n_used (zero after): [n, b, d] -> [n, b, d].
+
+    A loop over blocks reads each expert's weights in place (no [n, d, f] gather); the backward pass
+    accumulates the weight gradients block by block into [e, d, f].
+    """
+    return _block_swiglu_fwd(x_nbd, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll)[0]
+
+
+def _block_swiglu_fwd(x_nbd, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll):
+    def fn(carry, i, x, e):
+        g = jnp.dot(x, wg_edf[e], preferred_element_type=x.dtype)
+        u = jnp.dot(x, wu_edf[e], preferred_element_type=x.dtype)
+        return carry, (jnp.dot(jax.nn.silu(g) * u, wd_efd[e], preferred_element_type=x.dtype), g, u)
+
+    _, (y, g, u) = _scan_blocks(fn, n_used, (x_nbd, block_expert), unroll=unroll)
+    return y, (x_nbd, g, u, wg_edf, wu_edf, wd_efd, block_expert, n_used)
+
+
+def _block_swiglu_bwd(unroll, res, dy_nbd):
+    x_nbd, g_nbf, u_nbf, wg_edf, wu_edf, wd_efd, block_expert, n_used = res
+
+    def fn(dws, i, x, g, u, dy, e):
+        dwg, dwu, dwd = dws
+        sig = jax.nn.sigmoid(g)
+        silu = g * sig
+        dh = jnp.dot(dy, wd_efd[e].T, preferred_element_type=x.dtype)
+        dg = dh * u * sig * (1 + g * (1 - sig))
+        du = dh * silu
+        dx = (jnp.dot(dg, wg_edf[e].T, preferred_element_type=x.dtype)
+              + jnp.dot(du, wu_edf[e].T, preferred_element_type=x.dtype))
+        dwg = dwg.at[e].add(jnp.dot(x.T, dg, preferred_element_type=dwg.dtype))
+        dwu = dwu.at[e].add(jnp.dot(x.T, du, preferred_element_type=dwu.dtype))
+        dwd = dwd.at[e].add(jnp.dot((silu * u).T, dy, preferred_element_type=dwd.dtype))
+        return (dwg, dwu, dwd), dx
+
+    zeros = (jnp.zeros_like(wg_edf), jnp.zeros_like(wu_edf), jnp.zeros_like(wd_efd))
+    (dwg, dwu, dwd), dx = _scan_blocks(fn, n_used, (x_nbd, g_nbf, u_nbf, dy_nbd, block_expert), zeros,
+                                       unroll=unroll)
+    return dx, dwg, dwu, dwd, None, None
+
+
+block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)
+
+
 def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.Array, wu_edf: jax.Array,
-               wd_efd: jax.Array, *, impl: str, block_size: int = 0) -> jax.Array:
+               wd_efd: jax.Array, *, impl: str, block_size: int = 0, unroll: int = 1) -> jax.Array:
     """sum_k w[t,k] * SwiGLU_{idx[t,k]}(x[t]) -> [t, d]; ids outside [0, e) contribute nothing (other shards)."""
     t, k = idx_tk.shape
     n_exp = wg_edf.shape[0]
@@ -67,10 +128,9 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
         x_nbd = jnp.zeros((n_blocks * b, x_md.shape[-1]), dtype).at[dest].set(x_md, mode="drop")
         x_nbd = x_nbd.reshape(n_blocks, b, -1)
         block_expert = jnp.searchsorted(padded_end, jnp.arange(n_blocks) * b, side="right")
-        block_expert = jnp.minimum(block_expert, n_exp - 1)
-        g = jnp.einsum("nbd,ndf->nbf", x_nbd, wg_edf[block_expert])
-        u = jnp.einsum("nbd,ndf->nbf", x_nbd, wu_edf[block_expert])
-        y_nbd = jnp.einsum("nbf,nfd->nbd", jax.nn.silu(g) * u, wd_efd[block_expert])
+        block_expert = jnp.minimum(block_expert, n_exp - 1).astype(jnp.int32)
+        n_used = padded_end[-1] // b
+        y_nbd = block_swiglu(x_nbd, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll)
         y_md = y_nbd.reshape(n_blocks * b, -1).at[dest].get(mode="fill", fill_value=0)
     y_md = y_md * weight[:, None].astype(dtype)
     return jnp.zeros_like(x_td).at[token].add(y_md)

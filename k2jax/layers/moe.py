@@ -41,7 +41,7 @@ class MoE(nnx.Module):
                                      scaling=c.routed_scaling_factor)
         wg, wu, wd = (w[...].astype(self.dtype) for w in (self.wg, self.wu, self.wd))
         y_td = routed_experts(x_td, idx, weights, wg, wu, wd, self.rules, impl=c.moe_impl,
-                              block_size=c.moe_block_size)
+                              block_size=c.moe_block_size, unroll=c.moe_block_unroll)
         if self.shared is not None:
             y_td = y_td + self.shared(x_td)
         load_e = jnp.zeros((c.n_routed_experts,), jnp.float32).at[idx.reshape(-1)].add(1.0)
@@ -50,7 +50,8 @@ class MoE(nnx.Module):
         return y_td.reshape(b, t, d).astype(x_btd.dtype), stats
 
 
-def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl: str, block_size: int = 0):
+def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl: str, block_size: int = 0,
+                   unroll: int = 1):
     """Dropless routed-expert output [t, d]; on a mesh with expert/tensor axes the tokens travel, not weights.
 
     Each `expert` shard all-gathers the tokens (and their routing) of its expert group, computes the assignments
@@ -61,7 +62,7 @@ def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl
     ep = mesh.shape.get("expert", 1) if not mesh.empty else 1
     tp = mesh.shape.get("tensor", 1) if not mesh.empty else 1
     if ep == 1 and tp == 1:
-        return expert_ffn(x_td, idx_tk, w_tk, wg, wu, wd, impl=impl, block_size=block_size)
+        return expert_ffn(x_td, idx_tk, w_tk, wg, wu, wd, impl=impl, block_size=block_size, unroll=unroll)
     tok = rules.spec(("batch", None), mesh)
     w_in = rules.spec(("experts", None, "expert_mlp"), mesh)
     w_out = rules.spec(("experts", "expert_mlp", None), mesh)
@@ -77,7 +78,7 @@ def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl
             w = jax.lax.all_gather(w, "expert", axis=0, tiled=True)
         if ep > 1:
             idx = idx - jax.lax.axis_index("expert") * n_local
-        y = expert_ffn(x, idx, w, g, u, dn, impl=impl, block_size=block_size)
+        y = expert_ffn(x, idx, w, g, u, dn, impl=impl, block_size=block_size, unroll=unroll)
         if tp > 1:
             y = jax.lax.psum(y, "tensor")
         if ep > 1:

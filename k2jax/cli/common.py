@@ -1,0 +1,43 @@
+"""Flag helpers shared by the command-line entry points."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from k2jax.config import K2Config, load_config
+
+
+def parse_sets(items: list[str] | None) -> dict[str, str]:
+    """['a=1', 'b=x'] -> {'a': '1', 'b': 'x'}; a malformed item raises naming the flag."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise flags.ValidationError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def config_from_flags(config: str, sets: list[str] | None) -> K2Config:
+    """The preset/file/config.json named by --config with --set overrides applied (type-checked)."""
+    return load_config(config, **parse_sets(sets))
+
+
+def run_main(main):
+    """absl app.run(main), turning k2jax's input errors into one clear line and exit status 2."""
+    from absl import app
+
+    from k2jax.config import ConfigError
+    from k2jax.safetensors_io import CheckpointError
+    from k2jax.sharding import ShardingError
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except (ConfigError, ShardingError, CheckpointError, flags.ValidationError) as e:
+            import sys
+
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    app.run(guarded)
