@@ -65,3 +65,16 @@ def hf_logits(model, tokens):
 
     with torch.no_grad():
         return model(torch.from_numpy(np.asarray(tokens, np.int64))).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory):
+    """A K2-format tokenizer (3840 BPE ranks + 256 specials = the tiny preset's 4096) trained on pydoc's topics."""
+    from pydoc_data.topics import topics
+
+    from k2jax.bpe import train_tokenizer_file
+    from k2jax.tokenizer import load_tokenizer
+
+    path = str(tmp_path_factory.mktemp("tok") / "tiktoken.model")
+    train_tokenizer_file("\n".join(topics[k] for k in sorted(topics)), path, 3840)
+    return load_tokenizer(path)
