@@ -27,6 +27,7 @@ setup(
     entry_points={
         "console_scripts": [
             "k2jax-forward=k2jax.cli.forward:run",
+            "k2jax-train=k2jax.cli.train:run",
         ],
     },
 )

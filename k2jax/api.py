@@ -18,8 +18,45 @@ from k2jax.sharding import ShardingRules, batch_divisor, check_divisible, make_m
 class Model:
     """A K2 model placed on a mesh: config, mesh, rules, graphdef and the (sharded) state."""
 
-    def __init__(self, config: K2Config, graphdef, state, mesh: Mesh, rules: ShardingRules):
+    def __init__(self, config: K2Config, graphdef, state, mesh: Mesh, rules: ShardingRules, tokenizer=None):
         self.config, self.graphdef, self.state, self.mesh, self.rules = config, graphdef, state, mesh, rules
+        self.tokenizer = tokenizer
+        self._samplers = {}
+
+    def attach_tokenizer(self, tokenizer_or_path) -> "Model":
+        """Attaches a k2jax Tokenizer (or the path of a tiktoken.model), checked against the config."""
+        from k2jax.tokenizer import Tokenizer, load_tokenizer
+
+        tok = tokenizer_or_path if isinstance(tokenizer_or_path, Tokenizer) else load_tokenizer(tokenizer_or_path)
+        tok.check_model(self.config)
+        self.tokenizer = tok
+        return self
+
+    def sampler(self, cache_dtype: str = "float32"):
+        """The decode Sampler of this model (one per cache dtype)."""
+        from k2jax.decode import Sampler
+
+        if cache_dtype not in self._samplers:
+            self._samplers[cache_dtype] = Sampler(self, cache_dtype)
+        return self._samplers[cache_dtype]
+
+    def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int = 0, stop=None, cache_dtype: str = "float32", stream=None):
+        """Continues each prompt (token-id lists, or strings with a tokenizer attached).
+
+        Returns the new token ids per prompt, or decoded strings for string prompts. Generation of a sequence
+        ends at a stop token (default: EOS, and <|im_end|> with a tokenizer) or after max_new_tokens.
+        """
+        strings = bool(prompts) and isinstance(prompts[0], str)
+        if strings:
+            if self.tokenizer is None:
+                raise ValueError("prompts are strings but no tokenizer is attached (model.attach_tokenizer(path))")
+            prompts = [self.tokenizer.encode(p, allow_special="all") for p in prompts]
+        if stop is None:
+            stop = [self.config.eos_token_id] + ([self.tokenizer.im_end_id] if self.tokenizer else [])
+        outs = self.sampler(cache_dtype).generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                  top_k=top_k, top_p=top_p, seed=seed, stop=stop, stream=stream)
+        return [self.tokenizer.decode(o) for o in outs] if strings else outs
 
     @property
     def module(self):

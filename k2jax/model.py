@@ -41,7 +41,7 @@ class Block(nnx.Module):
         h = constrain(x_btd + h, self.rules, ("batch", "act_seq", "act_embed"))
         stats = {"max_logit": max_logit}
         if self.is_moe:
-            y, moe_stats = self.mlp(self.mlp_norm(h))
+            y, moe_stats = self.mlp(self.mlp_norm(h), None if segment_ids is None else segment_ids != 0)
             stats.update(moe_stats)
         else:
             y = self.mlp(self.mlp_norm(h))
@@ -74,7 +74,7 @@ class Transformer(nnx.Module):
         self.config, self.rules = c, rules
 
     def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
-        """Final-normed hidden states [b, t, d] and per-layer stats (stacked over layers, per stack)."""
+        """Final-normed hidden states [b, t, d] and per-layer stats, stacked over layers, keyed by stack name."""
         c = self.config
         b, t = tokens_bt.shape
         if positions_bt is None:
@@ -84,7 +84,7 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dtype_of(c.dtype))
         x = constrain(x, self.rules, ("batch", "act_seq", "act_embed"))
         stats = {}
-        for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
+        for name, stack in (("dense_layers", self.dense_layers), ("moe_layers", self.moe_layers)):
             if stack is not None:
                 x, stats[name] = self._run_stack(stack, x, cos, sin, segment_ids_bt)
         return self.final_norm(x), stats

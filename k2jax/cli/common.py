@@ -32,6 +32,9 @@ def run_main(main):
     from k2jax.sharding import ShardingError
 
     def guarded(argv):
+        from absl import logging
+
+        logging.set_verbosity(logging.ERROR)  # Orbax and grain log every step at INFO/WARNING
         try:
             return main(argv)
         except (ConfigError, ShardingError, CheckpointError, flags.ValidationError) as e:

@@ -55,17 +55,38 @@ class MLAttention(nnx.Module):
 
     def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_bt: jax.Array | None):
         """Self-attention over x [b, t, d]; returns (out [b, t, d], max pre-softmax logit per head [h])."""
-        c, dt = self.config, self.dtype
         q_nope, q_rope, latent_btc, k_rope_btr = self.project(x_btd, cos, sin)
-        kv_bshk = jnp.einsum("bsc,chk->bshk", latent_btc, self.kv_b[...].astype(dt))
+        mask = attention_mask(segment_ids_bt, x_btd.shape[1])
+        real = mask if segment_ids_bt is None else mask & (segment_ids_bt != 0)[:, None, :, None]
+        out, scores = self.attend_expanded(q_nope, q_rope, latent_btc, k_rope_btr, mask)
+        max_logit_h = jnp.max(jnp.where(real, scores, -jnp.inf), axis=(0, 2, 3))
+        return out, jax.lax.stop_gradient(max_logit_h)
+
+    def attend_expanded(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask):
+        """Attention with keys/values expanded per head from the latent; returns (out [b,t,d], scores [b,h,t,s])."""
+        c, dt = self.config, self.dtype
+        kv_bshk = jnp.einsum("bsc,chk->bshk", latent_bsc.astype(dt), self.kv_b[...].astype(dt))
         kv_bshk = constrain(kv_bshk, self.rules, ("batch", "act_seq", "act_heads", None))
         k_nope, v_bshv = kv_bshk[..., : c.qk_nope_head_dim], kv_bshk[..., c.qk_nope_head_dim:]
         scores = jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
-        scores += jnp.einsum("bthr,bsr->bhts", q_rope, k_rope_btr, preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bthr,bsr->bhts", q_rope, k_rope_bsr.astype(dt), preferred_element_type=jnp.float32)
         scores *= c.softmax_scale
-        mask = attention_mask(segment_ids_bt, x_btd.shape[1])
-        max_logit_h = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=(0, 2, 3))
         probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(dt)
         out_bthv = jnp.einsum("bhts,bshv->bthv", probs, v_bshv)
-        out = jnp.einsum("bthv,hvd->btd", out_bthv, self.o[...].astype(dt))
-        return out, jax.lax.stop_gradient(max_logit_h)
+        return jnp.einsum("bthv,hvd->btd", out_bthv, self.o[...].astype(dt)), scores
+
+    def attend_absorbed(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask):
+        """Attention in the latent space (decode): W_kvb's key half absorbed into q, its value half applied after.
+
+        Keys and values are never expanded per head: each cached token costs kv_lora_rank + rope values.
+        """
+        c, dt = self.config, self.dtype
+        kv_b = self.kv_b[...].astype(dt)
+        q_lat = jnp.einsum("bthn,chn->bthc", q_nope, kv_b[..., : c.qk_nope_head_dim])
+        scores = jnp.einsum("bthc,bsc->bhts", q_lat, latent_bsc.astype(dt), preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bthr,bsr->bhts", q_rope, k_rope_bsr.astype(dt), preferred_element_type=jnp.float32)
+        scores *= c.softmax_scale
+        probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(dt)
+        o_lat = jnp.einsum("bhts,bsc->bthc", probs, latent_bsc.astype(dt))
+        out_bthv = jnp.einsum("bthc,chv->bthv", o_lat, kv_b[..., c.qk_nope_head_dim:])
+        return jnp.einsum("bthv,hvd->btd", out_bthv, self.o[...].astype(dt))

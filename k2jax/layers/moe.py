@@ -31,8 +31,12 @@ class MoE(nnx.Module):
                        if c.n_shared_experts else None)
         self.config, self.rules, self.dtype = c, rules, dtype_of(c.dtype)
 
-    def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, dict]:
-        """MoE feed-forward of x [b, t, d]; stats hold per-expert loads [e] and router scores for the aux loss."""
+    def __call__(self, x_btd: jax.Array, mask_bt: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """MoE feed-forward of x [b, t, d]; stats: per-expert loads [e] and the sequence-wise balance loss.
+
+        The balance loss (DeepSeek-V3's, before aux_loss_alpha) is summed over the batch's sequences; tokens
+        where mask_bt is 0 (padding) are left out of loads and loss.
+        """
         c = self.config
         b, t, d = x_btd.shape
         x_td = x_btd.astype(self.dtype).reshape(b * t, d)
@@ -44,9 +48,15 @@ class MoE(nnx.Module):
                               block_size=c.moe_block_size, unroll=c.moe_block_unroll)
         if self.shared is not None:
             y_td = y_td + self.shared(x_td)
-        load_e = jnp.zeros((c.n_routed_experts,), jnp.float32).at[idx.reshape(-1)].add(1.0)
-        stats = {"expert_load": jax.lax.stop_gradient(load_e),
-                 "router_scores": scores.reshape(b, t, c.n_routed_experts), "expert_ids": idx.reshape(b, t, -1)}
+        mask = jnp.ones((b, t), jnp.float32) if mask_bt is None else mask_bt.astype(jnp.float32)
+        hits_bte = jax.nn.one_hot(idx.reshape(b, t, -1), c.n_routed_experts, dtype=jnp.float32).sum(2)
+        hits_bte = hits_bte * mask[..., None]
+        load_e = hits_bte.sum((0, 1))
+        n_tok = jnp.maximum(mask.sum(1), 1.0)  # [b]
+        f_be = hits_bte.sum(1) * c.n_routed_experts / (c.num_experts_per_tok * n_tok[:, None])
+        probs = scores.reshape(b, t, -1) / scores.reshape(b, t, -1).sum(-1, keepdims=True)
+        p_be = (probs * mask[..., None]).sum(1) / n_tok[:, None]
+        stats = {"expert_load": jax.lax.stop_gradient(load_e), "balance_loss": (f_be * p_be).sum()}
         return y_td.reshape(b, t, d).astype(x_btd.dtype), stats
 
 

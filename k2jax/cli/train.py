@@ -1,0 +1,118 @@
+"""k2jax-train: train K2 (any preset) on this CPU, a TPU slice or a multi-host pod; then sample from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import jax
+from absl import flags
+
+from k2jax.cli.common import config_from_flags, parse_sets, run_main
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "tiny", "Preset name, preset file (configs/tiny.py) or HF config.json.")
+flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics.jsonl and TensorBoard events; resumes if it has checkpoints.")
+flags.DEFINE_string("mesh", "", "Mesh spec such as data=2,expert=4 (default: all devices on data).")
+flags.DEFINE_multi_string("set", [], "Model config override key=value (repeatable), e.g. --set remat_policy=full.")
+flags.DEFINE_multi_string("opt", [], "Optimizer override key=value (repeatable), e.g. --opt optimizer=adamw.")
+flags.DEFINE_integer("steps", 300, "Train until this step.")
+flags.DEFINE_integer("batch", 8, "Global batch size in sequences.")
+flags.DEFINE_integer("seq", 256, "Sequence length.")
+flags.DEFINE_integer("microbatches", 1, "Gradient accumulation microbatches per step.")
+flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
+flags.DEFINE_integer("warmup", 30, "Warm-up steps.")
+flags.DEFINE_integer("save_every", 100, "Checkpoint interval in steps.")
+flags.DEFINE_integer("keep", 3, "Checkpoints kept.")
+flags.DEFINE_integer("log_every", 10, "Logging interval in steps.")
+flags.DEFINE_string("data", "", "Training data: .jsonl / .txt / .array_record path or glob (default: embedded corpus).")
+flags.DEFINE_string("text_field", "text", "JSONL/ArrayRecord field holding the text.")
+flags.DEFINE_enum("on_missing_text", "error", ["error", "skip"], "Records without the text field: error or skip (counted).")
+flags.DEFINE_string("tokenizer", "", "tiktoken.model file (default: a BPE trained on the embedded corpus).")
+flags.DEFINE_integer("seed", 0, "Seed of initialisation and data order.")
+flags.DEFINE_integer("data_workers", 0, "grain worker processes for tokenisation.")
+flags.DEFINE_float("z_loss", 0.0, "z-loss weight.")
+flags.DEFINE_integer("sample_tokens", 48, "After training, generate this many tokens from the last checkpoint (0: none).")
+flags.DEFINE_string("sample_prompt", "def ", "Prompt of that sample.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detected on TPU pods and SLURM).")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs (implies --distributed).")
+flags.DEFINE_integer("num_processes", 1, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", 0, "This process's index (with --coordinator_address).")
+
+
+def init_distributed():
+    """jax.distributed from flags (explicit coordinator) or the environment (TPU pods); no-op otherwise."""
+    if FLAGS.coordinator_address:
+        if jax.default_backend() == "cpu" or FLAGS.num_processes > 1:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
+    elif FLAGS.distributed:
+        jax.distributed.initialize()
+
+
+def main(argv):
+    del argv
+    init_distributed()
+    import k2jax
+    from k2jax.loop import RunConfig, train
+    from k2jax.optim import OptimConfig
+
+    config = config_from_flags(FLAGS.config, FLAGS.set)
+    opt_fields = {f.name: f for f in dataclasses.fields(OptimConfig)}
+    opt_kw = dict(learning_rate=FLAGS.lr, warmup_steps=FLAGS.warmup, total_steps=FLAGS.steps,
+                  min_learning_rate=FLAGS.lr / 10)
+    for k, v in parse_sets(FLAGS.opt).items():
+        if k not in opt_fields:
+            raise flags.ValidationError(f"--opt {k}=...: unknown optimizer field; known: {', '.join(opt_fields)}")
+        typ = opt_fields[k].type
+        try:
+            opt_kw[k] = {"int": int, "float": float, "str": str}[typ](v)
+        except (KeyError, ValueError):
+            raise flags.ValidationError(f"--opt {k}={v!r}: expected {typ}") from None
+    optim = OptimConfig(**opt_kw)
+    mesh = k2jax.make_mesh(FLAGS.mesh)
+    run = RunConfig(workdir=FLAGS.workdir, steps=FLAGS.steps, batch=FLAGS.batch, seq=FLAGS.seq,
+                    microbatches=FLAGS.microbatches, save_every=FLAGS.save_every, keep=FLAGS.keep,
+                    log_every=FLAGS.log_every, data=FLAGS.data, text_field=FLAGS.text_field,
+                    on_missing_text=FLAGS.on_missing_text, tokenizer=FLAGS.tokenizer, seed=FLAGS.seed,
+                    data_workers=FLAGS.data_workers, z_loss=FLAGS.z_loss)
+    log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    result = train(config, optim, run, mesh, log=log)
+    if result.get("preempted"):
+        return 0
+    if FLAGS.sample_tokens > 0 and jax.process_index() == 0 and jax.process_count() == 1:
+        from k2jax.loop import resolve_data
+
+        model = k2jax.load(FLAGS.workdir, mesh=mesh).attach_tokenizer(resolve_data(run)[1])
+        print(f"sample from {FLAGS.workdir} (step {result['final_step']}), prompt {FLAGS.sample_prompt!r}:")
+        print(FLAGS.sample_prompt, end="", flush=True)
+        model.generate([FLAGS.sample_prompt], max_new_tokens=FLAGS.sample_tokens, temperature=0.6, top_p=0.95,
+                       seed=FLAGS.seed, stream=_printer(model))
+        print()
+    return 0
+
+
+def _printer(model):
+    """Streams each new token's text as it is generated (holding back incomplete UTF-8)."""
+    state = {"ids": [], "shown": ""}
+
+    def stream(step, tokens, done):
+        if done[0] and state["ids"] and step > 0 and state.get("ended"):
+            return
+        state["ids"].append(int(tokens[0]))
+        text = model.tokenizer.decode(state["ids"])
+        if not text.endswith("\ufffd"):
+            print(text[len(state["shown"]):], end="", flush=True)
+            state["shown"] = text
+        state["ended"] = bool(done[0])
+
+    return stream
+
+
+def run():
+    run_main(main)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,180 @@
+"""Optimizers: AdamW, and MuonClip (Muon on matrices + AdamW elsewhere, QK-Clip after the update); schedules."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and schedule settings (train-time, apart from the model config)."""
+
+    optimizer: str = "muonclip"  # muonclip | adamw
+    learning_rate: float = 2e-4
+    min_learning_rate: float = 2e-5
+    schedule: str = "wsd"  # wsd | cosine | constant
+    warmup_steps: int = 500
+    decay_steps: int = 0  # wsd: length of the final decay; 0 = 20% of total steps
+    total_steps: int = 1000
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    muon_momentum: float = 0.95
+    ns_steps: int = 5
+    grad_clip: float = 1.0
+    qk_clip_tau: float = 100.0
+    bias_update_rate: float = 1e-3
+
+    def __post_init__(self):
+        if self.optimizer not in ("muonclip", "adamw"):
+            raise ValueError(f"optimizer: expected 'muonclip' or 'adamw', got {self.optimizer!r}")
+        if self.schedule not in ("wsd", "cosine", "constant"):
+            raise ValueError(f"schedule: expected 'wsd', 'cosine' or 'constant', got {self.schedule!r}")
+
+
+def make_schedule(o: OptimConfig) -> optax.Schedule:
+    """Warm-up-stable-decay (K2's: linear warm-up, constant, cosine decay to min) or warm-up + cosine."""
+    warm = max(o.warmup_steps, 0)
+    peak, low, total = o.learning_rate, o.min_learning_rate, max(o.total_steps, 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm_lr = peak * jnp.minimum(1.0, (step + 1) / max(warm, 1))
+        if o.schedule == "constant":
+            return warm_lr
+        if o.schedule == "cosine":
+            frac = jnp.clip((step - warm) / max(total - warm, 1), 0, 1)
+        else:
+            decay = o.decay_steps or max(total // 5, 1)
+            frac = jnp.clip((step - (total - decay)) / decay, 0, 1)
+        cos = low + 0.5 * (peak - low) * (1 + jnp.cos(math.pi * frac))
+        return jnp.where(step < warm, warm_lr, cos)
+
+    return schedule
+
+
+# ------------------------------------------------------------------------------------------------ Muon
+def uses_muon(path: tuple[str, ...], shape: tuple[int, ...]) -> bool:
+    """Matrices (stacked layers and experts as batch dims) use Muon; embedding, lm_head, norms use AdamW."""
+    return path[-1] not in ("embed", "lm_head", "scale", "router_bias") and len(shape) >= 2
+
+
+def newton_schulz(g, steps: int = 5, eps: float = 1e-7):
+    """Orthogonalises each matrix [..., m, n] (quintic Newton-Schulz, Muon's coefficients) in float32."""
+    a, b, c = NS_COEFFS
+    x = g.astype(jnp.float32)
+    transpose = x.shape[-2] > x.shape[-1]
+    if transpose:
+        x = jnp.swapaxes(x, -1, -2)
+    x = x / (jnp.sqrt(jnp.sum(x * x, axis=(-1, -2), keepdims=True)) + eps)
+    for _ in range(steps):
+        xx = x @ jnp.swapaxes(x, -1, -2)
+        x = a * x + (b * xx + c * xx @ xx) @ x
+    return jnp.swapaxes(x, -1, -2) if transpose else x
+
+
+def _orthogonalized_update(path, m, steps, kv_lora_rank):
+    """Muon direction for one parameter's momentum m, scaled to AdamW's RMS: 0.2·sqrt(max(fan_in, fan_out))."""
+    name = path[-1]
+
+    def ortho(x):
+        fan_in, fan_out = x.shape[-2], x.shape[-1]
+        return newton_schulz(x, steps) * 0.2 * math.sqrt(max(fan_in, fan_out))
+
+    if name == "kv_a":
+        return jnp.concatenate([ortho(m[..., :kv_lora_rank]), ortho(m[..., kv_lora_rank:])], axis=-1)
+    if name in ("q_b", "kv_b"):
+        mt = jnp.moveaxis(m, -2, -3)  # [..., in, heads, out] -> [..., heads, in, out]
+        return jnp.moveaxis(ortho(mt), -3, -2)
+    return ortho(m)
+
+
+class MuonState(NamedTuple):
+    momentum: Any
+
+
+def muon(*, momentum: float, weight_decay: float, ns_steps: int, kv_lora_rank: int) -> optax.GradientTransformation:
+    """Muon as in the K2 report: M <- mu·M + G; direction -(NS5(M)·0.2·sqrt(max(fan_in, fan_out)) + wd·θ).
+
+    MLA projections are orthogonalised as the math splits them: q_b, kv_b per head; kv_a as its latent and
+    rope-key parts; stacked layers and experts are batches of matrices. The learning rate is applied after.
+    """
+
+    def init(params):
+        return MuonState(jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads, state, params):
+        m = jax.tree.map(lambda mm, g: momentum * mm + g.astype(mm.dtype), state.momentum, grads)
+        dirs = jax.tree_util.tree_map_with_path(
+            lambda kp, mm: _orthogonalized_update(_path_names(kp), mm, ns_steps, kv_lora_rank), m)
+        updates = jax.tree.map(lambda d, p: -(d + weight_decay * p.astype(jnp.float32)).astype(p.dtype), dirs, params)
+        return updates, MuonState(m)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _path_names(keypath) -> tuple[str, ...]:
+    names = (str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
+    return tuple(n for n in names if n != "value")
+
+
+def _labels(params):
+    """'muon' | 'adam' | 'adam_nodecay' for each parameter."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    treedef = jax.tree.structure(params)
+    paths = [_path_names(p) for p, _ in flat]
+    labels = []
+    for p, (_, leaf) in zip(paths, flat):
+        if uses_muon(p, leaf.shape):
+            labels.append("muon")
+        elif p[-1] in ("embed", "lm_head"):
+            labels.append("adam")
+        else:
+            labels.append("adam_nodecay")
+    return jax.tree.unflatten(treedef, labels)
+
+
+def make_optimizer(o: OptimConfig, params, kv_lora_rank: int) -> optax.GradientTransformation:
+    """The optax transform for `params` (an nnx.State of Params): gradient clipping, then AdamW or MuonClip."""
+    schedule = make_schedule(o)
+    labels = _labels(params)
+    adam = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    adam_nodecay = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=0.0)
+    if o.optimizer == "adamw":
+        inner = optax.multi_transform({"muon": adam, "adam": adam, "adam_nodecay": adam_nodecay}, labels)
+    else:
+        mu = optax.chain(muon(momentum=o.muon_momentum, weight_decay=o.weight_decay, ns_steps=o.ns_steps,
+                              kv_lora_rank=kv_lora_rank),
+                         optax.scale_by_learning_rate(schedule, flip_sign=False))
+        inner = optax.multi_transform({"muon": mu, "adam": adam, "adam_nodecay": adam_nodecay}, labels)
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), inner)
+
+
+# ------------------------------------------------------------------------------------------------ QK-Clip
+def qk_clip(params, max_logits: dict, tau: float, nope_dim: int):
+    """Rescales q_b / kv_b of heads whose max pre-softmax logit exceeds tau (K2's QK-Clip for MLA).
+
+    gamma_h = tau / S_max^h; the nope parts of W_q and of W_kvb's key rows get sqrt(gamma), the query's rope
+    part gets gamma; values and the shared rope key (kv_a) are untouched; heads at or under tau keep their
+    exact bits. `max_logits[stack]` is [layers, heads]; params[stack]['attn'] holds q_b [L, q, h, nope+rope]
+    and kv_b [L, c, h, nope+v]. Returns the new params (an nnx.State).
+    """
+    for stack, s_lh in max_logits.items():
+        clip = (s_lh > tau)[:, None, :, None]
+        gamma = jnp.where(s_lh > tau, tau / jnp.maximum(s_lh, 1e-30), 1.0)[:, None, :, None]
+        attn = params[stack]["attn"]
+        qb, kvb = attn["q_b"].get_value(), attn["kv_b"].get_value()
+        q_scale = jnp.where(jnp.arange(qb.shape[-1]) < nope_dim, jnp.sqrt(gamma), gamma)
+        k_scale = jnp.where(jnp.arange(kvb.shape[-1]) < nope_dim, jnp.sqrt(gamma), 1.0)
+        attn["q_b"] = attn["q_b"].replace(jnp.where(clip, (qb * q_scale).astype(qb.dtype), qb))
+        attn["kv_b"] = attn["kv_b"].replace(jnp.where(clip, (kvb * k_scale).astype(kvb.dtype), kvb))
+    return params
