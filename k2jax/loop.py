@@ -205,8 +205,8 @@ def restore_train_state(mgr: ocp.CheckpointManager, step: int, trainer: Trainer)
         train=ocp.args.JsonRestore()))
     model_state = jax.tree.map(lambda x: x, model_abs)
     nnx.replace_by_pure_dict(model_state, restored.model)
-    _, params, bias = nnx.split(nnx.merge(trainer.graphdef, model_state.filter(nnx.Param),
-                                          model_state.filter(RouterBias)), nnx.Param, RouterBias)
+    _, params, bias = nnx.split(nnx.merge(trainer.graphdef, nnx.filter_state(model_state, nnx.Param),
+                                          nnx.filter_state(model_state, RouterBias)), nnx.Param, RouterBias)
     train = restored.train
     rng = jax.device_put(ckpt.key_from_json(train["rng"]), trainer.replicated)
     state = TrainState(params, bias, restored.opt_state, jax.device_put(jnp.asarray(train["step"], jnp.int32),

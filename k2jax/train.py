@@ -65,8 +65,8 @@ class Trainer:
         """A fresh TrainState (random init unless `model_state` is given), every shard created in place."""
         if model_state is None:
             _, model_state = init_model(self.config, self.mesh, self.rules, seed)
-        _, params, bias = nnx.split(nnx.merge(self.graphdef, model_state.filter(nnx.Param),
-                                              model_state.filter(RouterBias)), nnx.Param, RouterBias)
+        _, params, bias = nnx.split(nnx.merge(self.graphdef, nnx.filter_state(model_state, nnx.Param),
+                                              nnx.filter_state(model_state, RouterBias)), nnx.Param, RouterBias)
 
         def make(params, bias):
             return TrainState(params, bias, self.tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(seed))
@@ -139,7 +139,7 @@ class Trainer:
         """One optimizer step on a global batch {tokens, segment_ids, positions} [batch, seq]."""
         c, o = self.config, self.optim
         loss, grads, aux = self._grads(state.params, state.bias, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if o.optimizer == "muonclip":

@@ -43,7 +43,7 @@ class MoE(nnx.Module):
         idx, weights, scores = route(x_td, self.router[...], self.router_bias[...], top_k=c.num_experts_per_tok,
                                      n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
                                      scaling=c.routed_scaling_factor)
-        wg, wu, wd = (w[...].astype(self.dtype) for w in (self.wg, self.wu, self.wd))
+        wg, wu, wd = (jnp.asarray(w[...], self.dtype) for w in (self.wg, self.wu, self.wd))
         y_td = routed_experts(x_td, idx, weights, wg, wu, wd, self.rules, impl=c.moe_impl,
                               block_size=c.moe_block_size, unroll=c.moe_block_unroll)
         if self.shared is not None:

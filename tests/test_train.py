@@ -1,0 +1,211 @@
+"""Train step: gradients vs PyTorch autograd, accumulation, QK-Clip, bias balancing, falling loss on 1 and 8 devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import k2jax
+from k2jax.data import make_dataset, open_source
+from k2jax.layers.common import RouterBias
+from k2jax.optim import OptimConfig, qk_clip
+from k2jax.train import LossConfig, Trainer
+
+
+def _batch(tokens, segs=None):
+    tokens = np.asarray(tokens, np.int32)
+    b, t = tokens.shape
+    return {"tokens": tokens, "segment_ids": np.ones((b, t), np.int32) if segs is None else segs,
+            "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+
+
+def _trainer(config, mesh_spec="", **optim):
+    mesh = k2jax.make_mesh(mesh_spec, devices=None if mesh_spec else jax.devices()[:1])
+    defaults = dict(learning_rate=1e-3, warmup_steps=1, total_steps=100)
+    return Trainer(config, OptimConfig(**{**defaults, **optim}), mesh, loss=LossConfig(aux_loss_alpha=0.0))
+
+
+def test_loss_and_grads_match_pytorch_autograd(hf_tiny, tiny_config):
+    import torch
+
+    folder, torch_model = hf_tiny
+    model = k2jax.load_hf(folder)
+    tokens = np.random.default_rng(5).integers(0, tiny_config.vocab_size, (2, 48)).astype(np.int32)
+    trainer = _trainer(tiny_config)
+    _, params, bias = nnx.split(model.module, nnx.Param, RouterBias)
+    (loss, _), grads = jax.value_and_grad(
+        lambda p: (lambda r: (r[0] / r[2]["tokens"], r))(trainer.loss_fn(p, bias, _batch(tokens))), has_aux=True)(params)
+    torch_model.zero_grad()
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    out = torch_model(ids, labels=ids)
+    out.loss.backward()
+    assert abs(float(loss) - out.loss.item()) <= 1e-5
+    from k2jax.hf import tensor_maps
+
+    worst = 0.0
+    g_flat = dict(nnx.to_flat_state(grads))
+    named = dict(torch_model.named_parameters())
+    for m in tensor_maps(model.config, nnx.state(model.module)):
+        if m.path[-1] == "router_bias":
+            continue
+        g = np.asarray(g_flat[m.path].get_value())
+        for li, layer in enumerate(m.layers or [None]):
+            for ei, e in enumerate(range(m.n_experts) if m.n_experts else [None]):
+                name = m.template.format(layer=layer, e=e)
+                ref = _torch_grad(named, name)
+                mine = g[li] if m.layers is not None else g
+                mine = mine[ei] if m.n_experts else mine
+                ref_unit = m.to_unit(ref)
+                rel = np.abs(mine - ref_unit).max() / max(np.abs(ref_unit).max(), 1e-12)
+                worst = max(worst, rel)
+                assert rel <= 1e-4, (name, rel)
+    assert worst > 0
+
+
+def _torch_grad(named, name):
+    """Gradient of an official tensor name in transformers' module (experts are fused there)."""
+    import re
+
+    m = re.match(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight", name)
+    if not m:
+        return named[name].grad.numpy()
+    prefix, e, kind = m.group(1), int(m.group(2)), m.group(3)
+    if kind == "down":
+        return named[prefix + ".down_proj"].grad[e].numpy()
+    gate_up = named[prefix + ".gate_up_proj"].grad[e].numpy()
+    half = gate_up.shape[0] // 2
+    return gate_up[:half] if kind == "gate" else gate_up[half:]
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_config):
+    tokens = np.random.default_rng(1).integers(0, 512, (8, 32))
+    segs = np.repeat(np.array([[1] * 20 + [2] * 12]), 8, 0).astype(np.int32)
+    batch = {k: jnp.asarray(v) for k, v in _batch(tokens, segs).items()}
+    t = _trainer(tiny_config, optimizer="adamw")
+    state = t.init_state(3)
+    results = []
+    for micro in (1, 4):
+        t.microbatches = micro
+        loss, grads, aux = jax.jit(t._grads)(state.params, state.bias, batch)
+        results.append((float(loss), float(aux["ce_sum"]), jax.device_get(grads)))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(results[0][2]), jax.tree.leaves(results[1][2])):
+        np.testing.assert_allclose(a, b, atol=1e-6 * max(np.abs(a).max(), 1e-3), rtol=1e-4)
+
+
+def _max_logits(trainer, params, bias, batch, inputs_from=None):
+    """Per stack [layers, heads] max attention logits of `params`, each layer fed the hidden states that the
+    model with `inputs_from` params (default: the same) gives it: QK-Clip's guarantee is per head, on the
+    same activations."""
+    from k2jax.layers.rope import rope_cos_sin, yarn_inv_freq
+
+    new = nnx.merge(trainer.graphdef, params, bias)
+    old = nnx.merge(trainer.graphdef, *(inputs_from if inputs_from is not None else (params, bias)))
+    tokens, pos, seg = (jnp.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids"))
+    cos, sin = rope_cos_sin(pos, *yarn_inv_freq(trainer.config))
+    x = jnp.take(old.embed[...], tokens, axis=0)
+    out = {}
+    for name in ("dense_layers", "moe_layers"):
+        g, st_old = nnx.split(getattr(old, name))
+        _, st_new = nnx.split(getattr(new, name))
+        rows = []
+        for i in range(jax.tree.leaves(st_old)[0].shape[0]):
+            blk_new = nnx.merge(g, jax.tree.map(lambda a: a[i], st_new))
+            blk_old = nnx.merge(g, jax.tree.map(lambda a: a[i], st_old))
+            rows.append(np.asarray(blk_new.attn(blk_new.attn_norm(x), cos, sin, seg)[1]))
+            x, _ = blk_old(x, cos, sin, seg)
+        out[name] = np.stack(rows)
+    return out
+
+
+def test_qk_clip_caps_logits_and_leaves_other_heads_bit_identical(tiny_config):
+    t = _trainer(tiny_config)
+    state = t.init_state(0)
+    params = jax.tree.map(lambda x: x * 4.0, jax.device_get(state.params))  # larger logits
+    bias = jax.device_get(state.bias)
+    batch = _batch(np.random.default_rng(2).integers(0, 4000, (2, 64)))
+    before = _max_logits(t, params, bias, batch)
+    tau = float(np.median(np.concatenate([v.ravel() for v in before.values()])))
+    clipped = qk_clip(jax.tree.map(lambda x: x, params), {k: jnp.asarray(v) for k, v in before.items()}, tau,
+                      tiny_config.qk_nope_head_dim)
+    after = _max_logits(t, clipped, bias, batch, inputs_from=(params, bias))
+    for stack in before:
+        over = before[stack] > tau
+        assert over.any() and (~over).any()
+        assert np.all(after[stack][over] <= tau * (1 + 1e-4))
+        np.testing.assert_allclose(after[stack][over], tau, rtol=1e-4)  # exactly at tau: gamma·S
+        for name in ("q_b", "kv_b"):
+            old = np.asarray(params[stack]["attn"][name].get_value())
+            new = np.asarray(clipped[stack]["attn"][name].get_value())
+            keep = ~over  # [layers, heads]
+            assert np.array_equal(old.transpose(0, 2, 1, 3)[keep], new.transpose(0, 2, 1, 3)[keep])
+        kv_a_old = np.asarray(params[stack]["attn"]["kv_a"].get_value())
+        assert np.array_equal(kv_a_old, np.asarray(clipped[stack]["attn"]["kv_a"].get_value()))
+
+
+def test_qk_clip_inside_the_step(tiny_config):
+    """With a zero learning rate the step changes nothing but QK-Clip: every head ends at or below tau."""
+    t = _trainer(tiny_config, learning_rate=0.0, min_learning_rate=0.0, qk_clip_tau=0.05, weight_decay=0.0)
+    state = t.init_state(0)
+    batch = _batch(np.random.default_rng(2).integers(0, 4000, (2, 64)))
+    before = _max_logits(t, state.params, state.bias, batch)
+    old = jax.device_get((state.params, state.bias))  # the step also moves the router biases: keep the old ones
+    state, metrics = t.step(state, batch)
+    after = _max_logits(t, state.params, state.bias, batch, inputs_from=old)
+    assert float(metrics["max_attention_logit"]) == pytest.approx(max(v.max() for v in before.values()), rel=1e-5)
+    for stack in before:
+        assert np.all(after[stack] <= 0.05 * (1 + 1e-4))
+
+
+def test_router_bias_moves_toward_balance(tiny_config):
+    t = _trainer(tiny_config, bias_update_rate=0.01)
+    state = t.init_state(0)
+    skew = np.zeros((tiny_config.num_moe_layers, tiny_config.n_routed_experts), np.float32)
+    skew[:, :4] = 1.0  # experts 0-3 chosen by every token
+    leaf = state.bias["moe_layers"]["mlp"]["router_bias"]
+    state.bias["moe_layers"]["mlp"]["router_bias"] = leaf.replace(jnp.asarray(skew))
+    state, metrics = t.step(state, _batch(np.random.default_rng(0).integers(0, 4000, (4, 32))))
+    new = np.asarray(state.bias["moe_layers"]["mlp"]["router_bias"].get_value())
+    np.testing.assert_allclose(new[:, :4], 1.0 - 0.01, rtol=0, atol=1e-7)  # overloaded: pushed down
+    assert np.all(new[:, 4:] >= 0.0) and np.all(new[:, 4:] <= 0.01 + 1e-7)  # idle: pushed up (or unchanged)
+    assert float(metrics["expert_load_imbalance"]) == pytest.approx(4.0)
+
+
+@pytest.fixture(scope="module")
+def corpus_batches(small_tokenizer, tmp_path_factory):
+    """The first 100 batches [8, 64] of the packed embedded-corpus sample (pydoc topics + stdlib docstrings)."""
+    from k2jax.corpus import default_corpus
+
+    path = default_corpus(str(tmp_path_factory.mktemp("corpus")), min_bytes=2_000_000)
+    ds = make_dataset(open_source(path), small_tokenizer.path, seq_len=64, batch_size=8, seed=0)
+    it = iter(ds)
+    return [next(it) for _ in range(100)]
+
+
+@pytest.fixture(scope="module")
+def one_device_losses(tiny_config, corpus_batches):
+    t = _trainer(tiny_config, learning_rate=3e-3, warmup_steps=10)
+    state = t.init_state(0)
+    losses = []
+    for b in corpus_batches:
+        state, m = t.step(state, b)
+        losses.append(float(m["loss"]))
+    return losses
+
+
+def test_loss_falls_on_the_embedded_corpus(one_device_losses):
+    first, last = np.mean(one_device_losses[:5]), np.mean(one_device_losses[-10:])
+    assert first > 7.5 and last < first - 2.0, (first, last)
+
+
+def test_eight_device_mesh_agrees_and_learns(tiny_config, corpus_batches, one_device_losses):
+    t = _trainer(tiny_config, "data=2,expert=2,tensor=2", learning_rate=3e-3, warmup_steps=10)
+    state = t.init_state(0)
+    losses = []
+    for b in corpus_batches[:40]:
+        state, m = t.step(state, b)
+        losses.append(float(m["loss"]))
+    np.testing.assert_allclose(losses[:5], one_device_losses[:5], atol=1e-4, rtol=0)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
