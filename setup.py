@@ -31,6 +31,7 @@ setup(
             "k2jax-forward=k2jax.cli.forward:run",
             "k2jax-train=k2jax.cli.train:run",
             "k2jax-generate=k2jax.cli.generate:run",
+            "k2jax-convert=k2jax.cli.convert:run",
         ],
     },
 )

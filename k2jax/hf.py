@@ -195,7 +195,7 @@ def load_state(source: HFSource, abstract_state, shardings, param_dtype):
     flat_sh = dict(nnx.to_flat_state(shardings))
     out = {}
     for path, var in flat.items():
-        dtype = var.dtype if path[-1] == "router_bias" else param_dtype
+        dtype = var.dtype if path[-1] in ("router", "router_bias") else param_dtype
         sharding = flat_sh[path].get_value()
         arr = jax.make_array_from_callback(
             tuple(var.shape), sharding, lambda idx, p=path, d=dtype: source.read(p, idx, np.dtype(d)))

@@ -78,3 +78,31 @@ def small_tokenizer(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tok") / "tiktoken.model")
     train_tokenizer_file("\n".join(topics[k] for k in sorted(topics)), path, 3840)
     return load_tokenizer(path)
+
+
+def load_official_names(torch_model, tensors):
+    """Loads {official tensor name: tensor} into transformers' DeepseekV3 (which fuses each layer's experts)."""
+    import re
+
+    import torch
+
+    params = dict(torch_model.named_parameters())
+    buffers = dict(torch_model.named_buffers())
+    fused = {}
+    with torch.no_grad():
+        for name, value in tensors.items():
+            m = re.match(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight", name)
+            if m:
+                fused.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = value
+            elif name in params:
+                params[name].copy_(value)
+            else:
+                buffers[name].copy_(value)
+        for prefix, parts in fused.items():
+            gate_up, down = params[prefix + ".gate_up_proj"], params[prefix + ".down_proj"]
+            half = gate_up.shape[1] // 2
+            for (e, kind), value in parts.items():
+                if kind == "down":
+                    down[e].copy_(value)
+                else:
+                    gate_up[e, :half].copy_(value) if kind == "gate" else gate_up[e, half:].copy_(value)

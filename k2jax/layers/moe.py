@@ -22,7 +22,8 @@ class MoE(nnx.Module):
         c = config
         pd, std = dtype_of(c.param_dtype), c.initializer_range
         e, d, f = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
-        self.router = param(rngs, (d, e), ("embed", "router_experts"), pd, std=std)
+        # the router stays float32 whatever the parameter dtype (it scores in float32; HF keeps it so too)
+        self.router = param(rngs, (d, e), ("embed", "router_experts"), jnp.float32, std=std)
         self.router_bias = param(rngs, (e,), ("router_experts",), jnp.float32, fill=0.0, kind=RouterBias)
         self.wg = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), pd, std=std)
         self.wu = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), pd, std=std)

@@ -1,0 +1,50 @@
+"""k2jax-convert: HF safetensors (official FP8 release, bf16, fp32) <-> k2jax Orbax checkpoints."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+from k2jax.cli.common import run_main
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("hf_dir", None, "HF folder to import (config.json + safetensors).")
+flags.DEFINE_string("output_dir", None, "Where to write: the k2jax checkpoint (import) or the HF folder (--to_hf).")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype of the imported checkpoint.")
+flags.DEFINE_integer("workers", 4, "Tensors converted in parallel.")
+flags.DEFINE_bool("verify", False, "Re-read every written tensor and check shape, dtype and checksum against the source.")
+flags.DEFINE_bool("ignore_mtp", False, "Drop multi-token-prediction layers instead of refusing them.")
+flags.DEFINE_bool("to_hf", False, "Export a k2jax checkpoint (--checkpoint_dir) to HF safetensors.")
+flags.DEFINE_string("checkpoint_dir", None, "k2jax checkpoint to export with --to_hf.")
+flags.DEFINE_bool("fp8", False, "With --to_hf: re-quantise linear weights to e4m3 with 128x128 block scales.")
+flags.DEFINE_integer("shard_gb", 5, "With --to_hf: approximate size of each safetensors shard, in GB.")
+flags.DEFINE_bool("quiet", False, "No progress line.")
+
+
+def main(argv):
+    del argv
+    from k2jax.convert import export_hf, import_hf
+
+    if not FLAGS.output_dir:
+        raise flags.ValidationError("--output_dir is required")
+    if FLAGS.to_hf:
+        if not FLAGS.checkpoint_dir:
+            raise flags.ValidationError("--to_hf needs --checkpoint_dir")
+        out = export_hf(FLAGS.checkpoint_dir, FLAGS.output_dir, fp8=FLAGS.fp8, shard_bytes=FLAGS.shard_gb * 2**30,
+                        quiet=FLAGS.quiet)
+    else:
+        if not FLAGS.hf_dir:
+            raise flags.ValidationError("--hf_dir is required (or --to_hf --checkpoint_dir=...)")
+        out = import_hf(FLAGS.hf_dir, FLAGS.output_dir, dtype=FLAGS.dtype, workers=FLAGS.workers,
+                        verify=FLAGS.verify, ignore_mtp=FLAGS.ignore_mtp, quiet=FLAGS.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def run():
+    run_main(main)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,294 @@
+"""k2jax-convert: the official HF release (FP8 or bf16 safetensors) to a k2jax Orbax checkpoint, and back.
+
+Import streams one source tensor at a time: each (layer, expert) unit of a destination array is one chunk of
+a zarr array written with tensorstore, so peak memory is a few copies of the largest source tensor whatever
+the checkpoint size. Units finish independently (`--workers` threads); a marker per finished unit makes an
+interrupted conversion resumable with the same command. Everything is staged in `<output>/0.partial` and
+renamed to `<output>/0` only when complete, so a half-written conversion never loads.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+
+import jax
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+from flax import nnx
+
+from k2jax.checkpoint import config_to_json, read_config, resolve_step_dir
+from k2jax.config import K2Config, from_hf_config, to_hf_config
+from k2jax.hf import FP8_BLOCK, HFSource, TensorMap, tensor_maps
+from k2jax.init import abstract_model
+from k2jax.safetensors_io import CheckpointError, SafetensorsFolder, write_safetensors
+
+STEP = 0
+DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+_ZARR_DTYPE = {np.dtype(np.float32): "<f4", np.dtype(ml_dtypes.bfloat16): "bfloat16"}
+
+
+def leaf_name(path: tuple[str, ...]) -> str:
+    """Orbax's directory name of a model leaf (its dict keys joined by dots)."""
+    return ".".join(path)
+
+
+def _units(m: TensorMap):
+    """(index into the destination array, HF name) of every source tensor of a destination array."""
+    layers = [None] if m.layers is None else list(enumerate(m.layers))
+    experts = [None] if not m.n_experts else list(range(m.n_experts))
+    for lay in layers:
+        for e in experts:
+            idx = ((lay[0],) if lay is not None else ()) + ((e,) if e is not None else ())
+            yield idx, m.template.format(layer=lay[1] if lay is not None else None, e=e)
+
+
+def _spec(path: str, shape, chunks, dtype, create: bool):
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": path},
+            "metadata": {"shape": list(shape), "chunks": list(chunks), "dtype": _ZARR_DTYPE[dtype],
+                         "compressor": {"id": "zstd", "level": 1}, "dimension_separator": "."}}
+    return ts.open(spec, create=create, open=not create, delete_existing=False).result()
+
+
+class Progress:
+    """Thread-safe tensors-done / total and source GB/s on one status line."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.done, self.bytes, self.quiet = total, 0, 0, quiet
+        self.t0, self.lock, self.shown = time.perf_counter(), threading.Lock(), 0.0
+
+    def add(self, nbytes: int, count: int = 1):
+        with self.lock:
+            self.done += count
+            self.bytes += nbytes
+            now = time.perf_counter()
+            if not self.quiet and (now - self.shown > 0.5 or self.done == self.total):
+                self.shown = now
+                rate = self.bytes / max(time.perf_counter() - self.t0, 1e-9) / 1e9
+                print(f"\r{self.done}/{self.total} tensors, {self.bytes / 1e9:.2f} GB read, {rate:.2f} GB/s",
+                      end="", file=sys.stderr, flush=True)
+
+    def finish(self):
+        if not self.quiet:
+            print(file=sys.stderr)
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
+
+
+def import_hf(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", workers: int = 4, verify: bool = False,
+              ignore_mtp: bool = False, quiet: bool = False) -> str:
+    """Converts an HF folder into `<output_dir>/0` (a k2jax checkpoint); returns that step directory."""
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    out_dtype = DTYPES[dtype]
+    config = from_hf_config(hf_dir, ignore_mtp=ignore_mtp).replace(param_dtype=dtype, dtype=dtype)
+    _, abstract = abstract_model(config)
+    maps = tensor_maps(config, abstract)
+    extra = (f"model.layers.{config.num_hidden_layers}.",) if ignore_mtp else ()
+    source = HFSource(SafetensorsFolder(hf_dir), maps, allow_extra=extra)  # validates names, shapes, dtypes
+    final = os.path.join(output_dir, str(STEP))
+    if os.path.exists(final):
+        raise CheckpointError(f"{final} already exists; choose an empty --output_dir")
+    stage = os.path.join(output_dir, f"{STEP}.partial")
+    os.makedirs(os.path.join(stage, "done"), exist_ok=True)
+    _check_stage_config(stage, config)
+
+    arrays, jobs = {}, []
+    for m in maps:
+        dt = np.dtype(np.float32) if m.path[-1] in ("router", "router_bias") else out_dtype
+        lead = (1 if m.layers is not None else 0) + (1 if m.n_experts else 0)
+        chunks = (1,) * lead + tuple(m.unit_shape)
+        path = os.path.join(stage, "model", leaf_name(m.path))
+        arrays[m.path] = (path, dt, chunks)
+        store = _spec(path, m.shape, chunks, dt, create=not os.path.exists(os.path.join(path, ".zarray")))
+        for idx, name in _units(m):
+            jobs.append((m, store, idx, name, dt))
+    progress = Progress(len(jobs), quiet)
+    todo = []
+    for job in jobs:
+        if os.path.exists(_marker(stage, job[3])):
+            progress.add(0)
+        else:
+            todo.append(job)
+
+    def run(job):
+        m, store, idx, name, dt = job
+        unit = m.to_unit(source.hf_tensor(name)).astype(dt)
+        store[idx].write(unit).result()
+        with open(_marker(stage, name) + ".tmp", "w") as f:
+            f.write(_digest(unit))
+        os.replace(_marker(stage, name) + ".tmp", _marker(stage, name))
+        progress.add(source.folder.get(name).nbytes)
+
+    with cf.ThreadPoolExecutor(max(1, workers)) as pool:
+        for fut in cf.as_completed([pool.submit(run, j) for j in todo]):
+            fut.result()
+    progress.finish()
+    if verify:
+        verify_import(stage, source, jobs)
+    _finalize(stage, final, config, arrays, abstract)
+    return final
+
+
+def _marker(stage: str, hf_name: str) -> str:
+    return os.path.join(stage, "done", hf_name)
+
+
+def _check_stage_config(stage: str, config: K2Config):
+    """A resumed conversion must be of the same model and dtype; records it on the first run."""
+    path = os.path.join(stage, "k2_config.json")
+    want = config_to_json(config)
+    if os.path.exists(path):
+        with open(path) as f:
+            have = json.load(f)
+        if have != want:
+            diff = sorted(k for k in want if have.get(k) != want[k])
+            raise CheckpointError(f"{stage} holds an unfinished conversion of a different config (fields {diff}); "
+                                  "remove it or use another --output_dir")
+    else:
+        with open(path + ".tmp", "w") as f:
+            json.dump(want, f)
+        os.replace(path + ".tmp", path)
+
+
+def verify_import(stage: str, source: HFSource, jobs) -> None:
+    """Re-reads every written unit and compares shape, dtype and checksum with a fresh read of the source."""
+    for m, store, idx, name, dt in jobs:
+        written = store[idx].read().result()
+        want = m.to_unit(source.hf_tensor(name)).astype(dt)
+        if written.shape != want.shape or written.dtype != want.dtype:
+            raise CheckpointError(f"verify: {name}: wrote {written.dtype}{list(written.shape)}, expected "
+                                  f"{want.dtype}{list(want.shape)}")
+        if _digest(written) != _digest(want):
+            raise CheckpointError(f"verify: {name}: checksum differs from the source")
+        with open(_marker(stage, name)) as f:
+            if f.read() != _digest(want):
+                raise CheckpointError(f"verify: {name}: checksum differs from the one recorded at write time")
+
+
+def _finalize(stage: str, final: str, config: K2Config, arrays, abstract):
+    """Writes the Orbax metadata of the `model` and `config` items, then renames the stage into place."""
+    tree = {}
+    for path, (_, dt, _) in arrays.items():
+        shape = tuple(dict(nnx.to_flat_state(abstract))[path].shape)
+        tree[str(tuple(path))] = {
+            "key_metadata": [{"key": k, "key_type": 2} for k in path],
+            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(shape)}}
+    meta = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+    _write_json(os.path.join(stage, "model", "_METADATA"), meta)
+    os.makedirs(os.path.join(stage, "config"), exist_ok=True)
+    _write_json(os.path.join(stage, "config", "metadata"), config_to_json(config))
+    now = time.time_ns()
+    _write_json(os.path.join(stage, "_CHECKPOINT_METADATA"), {
+        "item_handlers": {
+            "config": "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler",
+            "model": "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"},
+        "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now,
+        "custom_metadata": {"converted_by": "k2jax-convert"}})
+    shutil.rmtree(os.path.join(stage, "done"))
+    os.remove(os.path.join(stage, "k2_config.json"))
+    os.replace(stage, final)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------------------------------------ export
+def _open_leaf(item_dir: str, name: str):
+    """A tensorstore view of one saved leaf, whether the item was written with OCDBT (training) or not."""
+    if os.path.exists(os.path.join(item_dir, name, ".zarray")):
+        return ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(item_dir, name)}},
+                       open=True).result()
+    return ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{item_dir}", "path": name}},
+                   open=True).result()
+
+
+def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float W [out, in] -> (e4m3 W, float32 scale_inv [ceil(out/128), ceil(in/128)]) with W ≈ fp8 · scale."""
+    out, inp = w.shape
+    bo, bi = -(-out // FP8_BLOCK), -(-inp // FP8_BLOCK)
+    padded = np.zeros((bo * FP8_BLOCK, bi * FP8_BLOCK), np.float32)
+    padded[:out, :inp] = w
+    blocks = padded.reshape(bo, FP8_BLOCK, bi, FP8_BLOCK)
+    amax = np.abs(blocks).max(axis=(1, 3))
+    scale = np.where(amax > 0, amax / float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max), 1.0).astype(np.float32)
+    q = (blocks / scale[:, None, :, None]).reshape(padded.shape)[:out, :inp]
+    return q.astype(ml_dtypes.float8_e4m3fn), scale
+
+
+def export_hf(checkpoint_dir: str, output_dir: str, *, fp8: bool = False, shard_bytes: int = 5 * 2**30,
+              quiet: bool = False) -> str:
+    """Writes HF-format safetensors shards (official names), an index and config.json from a k2jax checkpoint.
+
+    Tensors are read one unit at a time from the checkpoint; `fp8` re-quantises linear weights to e4m3 with
+    128x128 block scales (`<name>_scale_inv`). Returns output_dir.
+    """
+    step_dir = resolve_step_dir(checkpoint_dir)
+    config = read_config(step_dir)
+    _, abstract = abstract_model(config)
+    maps = tensor_maps(config, abstract)
+    item = os.path.join(step_dir, "model")
+    os.makedirs(output_dir, exist_ok=True)
+    hf_dtype = DTYPES[config.param_dtype]
+    shards, current, size = [], {}, 0
+    total = sum(1 for m in maps for _ in _units(m))
+    progress = Progress(total, quiet)
+    for m in maps:
+        store = _open_leaf(item, leaf_name(m.path))
+        for idx, name in _units(m):
+            unit = np.asarray(store[idx].read().result())
+            hf = np.ascontiguousarray(m.to_hf(unit))
+            tensors = {}
+            linear = fp8 and hf.ndim == 2 and m.path[-1] not in ("embed", "lm_head", "router")
+            if linear:
+                tensors[name], tensors[name + "_scale_inv"] = quantize_fp8(hf.astype(np.float32))
+            elif m.path[-1] in ("router", "router_bias"):
+                tensors[name] = hf.astype(np.float32)
+            else:
+                tensors[name] = hf.astype(hf_dtype)
+            for k, v in tensors.items():
+                current[k] = v
+                size += v.nbytes
+            progress.add(unit.nbytes)
+            if size >= shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+    if current:
+        shards.append(current)
+    progress.finish()
+    n = len(shards)
+    weight_map, total_size = {}, 0
+    for i, tensors in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+        write_safetensors(os.path.join(output_dir, fname), tensors, metadata={"format": "pt"})
+        for k, v in tensors.items():
+            weight_map[k] = fname
+            total_size += v.nbytes
+    _write_json(os.path.join(output_dir, "model.safetensors.index.json"),
+                {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    hf_config = to_hf_config(config)
+    hf_config["torch_dtype"] = "bfloat16" if config.param_dtype == "bfloat16" else "float32"
+    if fp8:
+        hf_config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                            "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    _write_json(os.path.join(output_dir, "config.json"), hf_config)
+    return output_dir
+
+
+if __name__ == "__main__":  # python -m k2jax.convert
+    from k2jax.cli.convert import run
+
+    run()

@@ -1,0 +1,215 @@
+"""k2jax-convert: bf16 and FP8 (official block-scaled layout) imports, round trip, resume, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+import k2jax
+from k2jax.convert import import_hf
+from k2jax.safetensors_io import CheckpointError, SafetensorsFolder, write_safetensors
+from conftest import build_hf_model, hf_logits
+
+# hidden 160 and expert width 96: every FP8 block grid has partial edge blocks
+ODD = dict(hidden_size=160, moe_intermediate_size=96, intermediate_size=200)
+
+
+def _cli(*args):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "k2jax.convert", *args], capture_output=True, text=True, env=env)
+
+
+def _dequant_reference(q, s):
+    """W[i, j] = fp8[i, j] * scale_inv[i // 128, j // 128], written out plainly."""
+    w = q.astype(np.float32)
+    for bi in range(s.shape[0]):
+        for bj in range(s.shape[1]):
+            w[bi * 128:(bi + 1) * 128, bj * 128:(bj + 1) * 128] *= s[bi, bj]
+    return w
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory, tiny_config):
+    """(folder, torch model holding the dequantised weights): an FP8 checkpoint in 3 shards plus an index."""
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from k2jax.config import to_hf_config
+
+    base = tmp_path_factory.mktemp("fp8_src")
+    config = tiny_config.replace(**ODD)
+    build_hf_model(config, str(base), seed=4)
+    src = SafetensorsFolder(str(base))
+    rng = np.random.default_rng(0)
+    out = tmp_path_factory.mktemp("fp8")
+    tensors, dequant = {}, {}
+    for name in src.names():
+        w = np.array(src.get(name))
+        linear = w.ndim == 2 and name.endswith("proj.weight")
+        if linear:
+            s = rng.uniform(0.5, 2.0, (-(-w.shape[0] // 128), -(-w.shape[1] // 128))).astype(np.float32) / 64
+            q = (w / np.repeat(np.repeat(s, 128, 0), 128, 1)[: w.shape[0], : w.shape[1]]).astype(ml_dtypes.float8_e4m3fn)
+            tensors[name], tensors[name + "_scale_inv"] = q, s
+            dequant[name] = _dequant_reference(q, s)
+        else:
+            tensors[name] = w.astype(ml_dtypes.bfloat16) if "norm" in name or "embed" in name or "lm_head" in name else w
+            dequant[name] = tensors[name].astype(np.float32)
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate(np.array_split(np.array(names, dtype=object), 3), 1):
+        fname = f"model-{i}-of-3.safetensors"
+        write_safetensors(str(out / fname), {n: tensors[n] for n in part})
+        weight_map.update({n: fname for n in part})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    hf_cfg = to_hf_config(config)
+    hf_cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (out / "config.json").write_text(json.dumps(hf_cfg))
+    torch_model = DeepseekV3ForCausalLM(DeepseekV3Config(**to_hf_config(config))).float().eval()
+    from conftest import load_official_names
+
+    load_official_names(torch_model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in dequant.items()})
+    return str(out), torch_model
+
+
+def test_fp8_import_matches_dequantised_reference(fp8_checkpoint, tmp_path, tokens_2x64):
+    folder, torch_model = fp8_checkpoint
+    r = _cli(f"--hf_dir={folder}", f"--output_dir={tmp_path / 'out'}", "--dtype=float32", "--workers=3", "--verify",
+             "--quiet")
+    assert r.returncode == 0, r.stderr
+    model = k2jax.load(str(tmp_path / "out"), dtype="float32")
+    assert np.abs(np.asarray(model.logits(tokens_2x64)) - hf_logits(torch_model, tokens_2x64)).max() <= 1e-4
+
+
+def test_bf16_round_trip_is_bit_exact_and_loads_in_transformers(hf_tiny, tmp_path, tokens_2x64):
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+
+    src = tmp_path / "bf16"
+    DeepseekV3ForCausalLM.from_pretrained(hf_tiny[0], dtype=torch.bfloat16).save_pretrained(src)
+    import_hf(str(src), str(tmp_path / "ck"), dtype="bfloat16", quiet=True)
+    r = _cli("--to_hf", f"--checkpoint_dir={tmp_path / 'ck'}", f"--output_dir={tmp_path / 'back'}", "--quiet")
+    assert r.returncode == 0, r.stderr
+    a, b = SafetensorsFolder(str(src)), SafetensorsFolder(str(tmp_path / "back"))
+    assert sorted(a.names()) == sorted(b.names())
+    for n in a.names():
+        assert a.get(n).dtype == b.get(n).dtype and np.array_equal(a.get(n), b.get(n)), n
+    reloaded = DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "back")).float().eval()
+    original = DeepseekV3ForCausalLM.from_pretrained(str(src)).float().eval()
+    np.testing.assert_array_equal(hf_logits(reloaded, tokens_2x64), hf_logits(original, tokens_2x64))
+    model = k2jax.load(str(tmp_path / "ck"), dtype="float32")
+    assert np.abs(np.asarray(model.logits(tokens_2x64)) - hf_logits(original, tokens_2x64)).max() <= 1e-4
+
+
+def test_fp8_export_requantises_in_the_official_layout(hf_tiny, tmp_path):
+    import_hf(hf_tiny[0], str(tmp_path / "ck"), dtype="float32", quiet=True)
+    from k2jax.convert import export_hf
+
+    export_hf(str(tmp_path / "ck"), str(tmp_path / "fp8"), fp8=True, quiet=True)
+    out, ref = SafetensorsFolder(str(tmp_path / "fp8")), SafetensorsFolder(hf_tiny[0])
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    q, s = out.get(name), out.get(name + "_scale_inv")
+    assert q.dtype == np.dtype(ml_dtypes.float8_e4m3fn) and s.dtype == np.float32
+    assert s.shape == (-(-q.shape[0] // 128), -(-q.shape[1] // 128))
+    np.testing.assert_allclose(_dequant_reference(q, s), ref.get(name), rtol=0.07, atol=1e-6)
+    assert json.load(open(tmp_path / "fp8" / "config.json"))["quantization_config"]["weight_block_size"] == [128, 128]
+
+
+def test_interrupted_conversion_resumes_to_an_identical_checkpoint(hf_tiny, tmp_path, monkeypatch):
+    from k2jax import hf as hf_mod
+
+    import_hf(hf_tiny[0], str(tmp_path / "straight"), dtype="bfloat16", quiet=True)
+    calls = {"n": 0}
+    original = hf_mod.HFSource.hf_tensor
+
+    def interrupted(self, name):
+        calls["n"] += 1
+        if calls["n"] > 60:
+            raise KeyboardInterrupt  # Ctrl-C part way
+        return original(self, name)
+
+    monkeypatch.setattr(hf_mod.HFSource, "hf_tensor", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        import_hf(hf_tiny[0], str(tmp_path / "resumed"), dtype="bfloat16", workers=1, quiet=True)
+    with pytest.raises(CheckpointError, match=r"no complete k2jax checkpoint \(unfinished: 0.partial\)"):
+        k2jax.load(str(tmp_path / "resumed"))
+    monkeypatch.setattr(hf_mod.HFSource, "hf_tensor", original)
+    done_before = len(os.listdir(tmp_path / "resumed" / "0.partial" / "done"))
+    assert 50 <= done_before <= 60
+    counting = {"n": 0}
+
+    def count(self, name):
+        counting["n"] += 1
+        return original(self, name)
+
+    monkeypatch.setattr(hf_mod.HFSource, "hf_tensor", count)
+    import_hf(hf_tiny[0], str(tmp_path / "resumed"), dtype="bfloat16", workers=2, quiet=True)
+    total = len(SafetensorsFolder(hf_tiny[0]).names())
+    assert counting["n"] == total - done_before  # finished tensors were skipped
+    a, b = k2jax.load(str(tmp_path / "straight")), k2jax.load(str(tmp_path / "resumed"))
+    for (pa, va), (pb, vb) in zip(nnx.to_flat_state(a.state), nnx.to_flat_state(b.state)):
+        assert pa == pb and np.array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value()))
+
+
+def test_converted_checkpoint_on_eight_devices(hf_tiny, tmp_path, tokens_2x64):
+    import_hf(hf_tiny[0], str(tmp_path / "ck"), dtype="float32", quiet=True)
+    one = np.asarray(k2jax.load(str(tmp_path / "ck")).logits(tokens_2x64))
+    eight = k2jax.load(str(tmp_path / "ck"), mesh="fsdp=2,expert=2,tensor=2")
+    np.testing.assert_allclose(np.asarray(eight.logits(tokens_2x64)), one, atol=1e-5, rtol=0)
+
+
+def _edited(hf_dir, dst, edit_tensors=None, edit_index=None):
+    import shutil
+
+    shutil.copytree(hf_dir, dst)
+    folder = SafetensorsFolder(str(dst))
+    tensors = {n: np.array(folder.get(n)) for n in folder.names()}
+    if edit_tensors:
+        edit_tensors(tensors)
+    os.remove(dst / "model.safetensors")
+    names = sorted(tensors)
+    half = len(names) // 2
+    parts = {"model-1-of-2.safetensors": names[:half], "model-2-of-2.safetensors": names[half:]}
+    for f, ns in parts.items():
+        write_safetensors(str(dst / f), {n: tensors[n] for n in ns})
+    index = {"weight_map": {n: f for f, ns in parts.items() for n in ns}}
+    if edit_index:
+        edit_index(index, dst)
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_shard", r"names shard files that are missing: model-2-of-2.safetensors"),
+    ("missing_tensor", r"tensor model.layers.3.self_attn.o_proj.weight is missing \(expected shape \[128, 128\]\)"),
+    ("wrong_shape", r"tensor model.layers.0.mlp.up_proj.weight has shape \[384, 127\], expected \[384, 128\]"),
+    ("unknown", r"unknown tensor names not in this architecture: model.extra.a, model.extra.b"),
+    ("config", r"config field 'model_type'"),
+])
+def test_bad_sources_fail_before_writing(hf_tiny, tmp_path, case, message):
+    src = tmp_path / "src"
+
+    def tensors(t):
+        if case == "missing_tensor":
+            t.pop("model.layers.3.self_attn.o_proj.weight")
+        elif case == "wrong_shape":
+            t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"][:, :127]
+        elif case == "unknown":
+            t["model.extra.a"] = t["model.extra.b"] = np.zeros(2, np.float32)
+
+    def index(ix, dst):
+        if case == "missing_shard":
+            os.remove(dst / "model-2-of-2.safetensors")
+        if case == "config":
+            cfg = json.load(open(dst / "config.json"))
+            cfg["model_type"] = "llama"
+            (dst / "config.json").write_text(json.dumps(cfg))
+
+    _edited(hf_tiny[0], src, tensors, index)
+    with pytest.raises((CheckpointError, k2jax.ConfigError), match=message):
+        import_hf(str(src), str(tmp_path / "out"), quiet=True)
+    assert not (tmp_path / "out").exists()
