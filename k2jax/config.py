@@ -73,6 +73,7 @@ class K2Config:
     remat_policy: str = "none"
     moe_impl: str = "auto"
     moe_block_size: int = 0  # rows per block of the CPU grouped matmul; 0 picks one from the token count
+    moe_capacity_factor: float = 0.0  # >0: expert-parallel row buffers hold this x the balanced load (not dropless)
     moe_block_unroll: int = 1  # unroll of the loop over blocks; 0 unrolls fully (so cost_analysis counts every block)
 
     # ------------------------------------------------------------------ derived
@@ -164,6 +165,7 @@ def validate(c: K2Config) -> None:
     _check(c.remat_policy in REMAT_POLICIES, "remat_policy", f"expected one of {REMAT_POLICIES}, got {c.remat_policy!r}")
     _check(c.moe_impl in MOE_IMPLS, "moe_impl", f"expected one of {MOE_IMPLS}, got {c.moe_impl!r}")
     _check(c.moe_block_size >= 0, "moe_block_size", f"expected >= 0, got {c.moe_block_size}")
+    _check(c.moe_capacity_factor >= 0, "moe_capacity_factor", f"expected >= 0, got {c.moe_capacity_factor}")
     _check(c.moe_block_unroll >= 0, "moe_block_unroll", f"expected >= 0, got {c.moe_block_unroll}")
 
 

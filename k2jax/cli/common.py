@@ -37,7 +37,7 @@ def run_main(main):
         logging.set_verbosity(logging.ERROR)  # Orbax and grain log every step at INFO/WARNING
         try:
             return main(argv)
-        except (ConfigError, ShardingError, CheckpointError, flags.ValidationError) as e:
+        except (ConfigError, ShardingError, CheckpointError, flags.ValidationError, ValueError) as e:
             import sys
 
             print(f"error: {e}", file=sys.stderr)

@@ -99,8 +99,11 @@ block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)
 
 
 def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.Array, wu_edf: jax.Array,
-               wd_efd: jax.Array, *, impl: str, block_size: int = 0, unroll: int = 1) -> jax.Array:
-    """sum_k w[t,k] * SwiGLU_{idx[t,k]}(x[t]) -> [t, d]; ids outside [0, e) contribute nothing (other shards)."""
+               wd_efd: jax.Array, *, impl: str, block_size: int = 0, unroll: int = 1, capacity: int = 0) -> jax.Array:
+    """sum_k w[t,k] * SwiGLU_{idx[t,k]}(x[t]) -> [t, d]; ids outside [0, e) contribute nothing (other shards).
+
+    capacity > 0 bounds the rows computed (assignments past it, in expert order, are dropped); 0 = dropless.
+    """
     t, k = idx_tk.shape
     n_exp = wg_edf.shape[0]
     dtype = x_td.dtype
@@ -108,13 +111,20 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
     valid = (flat >= 0) & (flat < n_exp)
     key = jnp.where(valid, flat, n_exp)
     order = jnp.argsort(key, stable=True)
+    if capacity and capacity < t * k:
+        order = order[:capacity]
     sorted_key = key[order]
     token = order // k
     weight = jnp.where(valid, w_tk.reshape(-1), 0.0)[order]
-    group_sizes = jnp.zeros((n_exp + 1,), jnp.int32).at[key].add(1)[:n_exp]
+    group_sizes = jnp.zeros((n_exp + 1,), jnp.int32).at[sorted_key].add(1)[:n_exp]
     x_md = x_td[token]
-    m = t * k
+    m = order.shape[0]
     if resolve_impl(impl) == "ragged":
+        pad = (1 << max(n_exp - 1, 0).bit_length()) - n_exp
+        if pad:  # libtpu 0.0.42 miscompiles the backward ragged_dot for group counts such as 384 or 48; empty
+            # groups cost no FLOPs, only a transient zero-padded copy of the weights
+            wg_edf, wu_edf, wd_efd = (jnp.pad(w, ((0, pad), (0, 0), (0, 0))) for w in (wg_edf, wu_edf, wd_efd))
+            group_sizes = jnp.pad(group_sizes, (0, pad))
         y_md = _swiglu_rows(x_md, wg_edf, wu_edf, wd_efd, group_sizes, dtype)
     else:
         b = block_size_for(m, n_exp, block_size)

@@ -46,7 +46,8 @@ class MoE(nnx.Module):
                                      scaling=c.routed_scaling_factor)
         wg, wu, wd = (jnp.asarray(w[...], self.dtype) for w in (self.wg, self.wu, self.wd))
         y_td = routed_experts(x_td, idx, weights, wg, wu, wd, self.rules, impl=c.moe_impl,
-                              block_size=c.moe_block_size, unroll=c.moe_block_unroll)
+                              block_size=c.moe_block_size, unroll=c.moe_block_unroll,
+                              capacity_factor=c.moe_capacity_factor)
         if self.shared is not None:
             y_td = y_td + self.shared(x_td)
         mask = jnp.ones((b, t), jnp.float32) if mask_bt is None else mask_bt.astype(jnp.float32)
@@ -62,12 +63,14 @@ class MoE(nnx.Module):
 
 
 def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl: str, block_size: int = 0,
-                   unroll: int = 1):
+                   unroll: int = 1, capacity_factor: float = 0.0):
     """Dropless routed-expert output [t, d]; on a mesh with expert/tensor axes the tokens travel, not weights.
 
     Each `expert` shard all-gathers the tokens (and their routing) of its expert group, computes the assignments
     of its local experts, and a reduce-scatter returns every token's sum to the shard that owns the token.
-    The `tensor` axis splits each expert's hidden dim (partial sums are added with a psum).
+    The `tensor` axis splits each expert's hidden dim (partial sums are added with a psum). The buffer of
+    rows a shard computes is the dropless worst case (every gathered token on its experts) unless
+    capacity_factor > 0 bounds it to that multiple of the balanced load.
     """
     mesh = jax.sharding.get_abstract_mesh()
     ep = mesh.shape.get("expert", 1) if not mesh.empty else 1
@@ -89,7 +92,8 @@ def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl
             w = jax.lax.all_gather(w, "expert", axis=0, tiled=True)
         if ep > 1:
             idx = idx - jax.lax.axis_index("expert") * n_local
-        y = expert_ffn(x, idx, w, g, u, dn, impl=impl, block_size=block_size, unroll=unroll)
+        cap = int(capacity_factor * idx.size / ep) if capacity_factor > 0 else 0
+        y = expert_ffn(x, idx, w, g, u, dn, impl=impl, block_size=block_size, unroll=unroll, capacity=cap)
         if tp > 1:
             y = jax.lax.psum(y, "tensor")
         if ep > 1:

@@ -1,0 +1,309 @@
+"""Ahead-of-time compilation for real TPU topologies from a CPU host (libtpu): memory, FLOPs, time, verdict."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from k2jax.config import K2Config
+from k2jax.sharding import ShardingError, make_mesh
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    family: str  # libtpu's topology prefix
+    hbm_bytes: float
+    peak_flops: float  # dense bf16 FLOP/s
+    dims: int  # 2-D (v5e, v6e) or 3-D (v4, v5p) torus
+    cores_per_chip: int  # Cloud TPU names count TensorCores for v4/v5p, chips for v5e/v6e
+    chip_config: str | None
+    hbm_bandwidth: float  # bytes/s
+
+
+CHIPS = {
+    "v4": Chip("v4", 32 * GiB, 275e12, 3, 2, "megacore", 1228e9),
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 2, 1, None, 819e9),
+    "v5p": Chip("v5p", 95.74 * GiB, 459e12, 3, 2, "megacore", 2765e9),
+    "v6e": Chip("v6e", 32 * GiB, 918e12, 2, 1, None, 1640e9),
+}
+
+
+class DoesNotFit(RuntimeError):
+    """The TPU compiler refused the step for lack of HBM; carries the bytes it needed and had."""
+
+    def __init__(self, required: float, available: float, message: str):
+        super().__init__(message)
+        self.required, self.available = required, available
+
+
+_OOM = re.compile(r"required for [^(]*\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+
+
+def _compile_or_oom(lowered):
+    """lowered.compile(), turning the compiler's out-of-HBM error into DoesNotFit with the sizes."""
+    try:
+        return lowered.compile()
+    except Exception as e:  # jax raises JaxRuntimeError(RESOURCE_EXHAUSTED ...)
+        m = _OOM.search(str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not m:
+            raise
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+        raise DoesNotFit(float(m.group(1)) * unit[m.group(2)], float(m.group(3)) * unit[m.group(4)],
+                         str(e).splitlines()[0]) from None
+
+
+class TopologyError(ValueError):
+    """An unknown or malformed topology name; the message lists the known ones."""
+
+
+def _grid(chips: int, dims: int) -> tuple[int, ...]:
+    """The most cube-like torus shape of `chips` chips (powers of two), smallest dims first."""
+    if chips & (chips - 1):
+        raise TopologyError(f"{chips} chips is not a power of two")
+    shape = [1] * dims
+    i = 0
+    while math.prod(shape) < chips:
+        shape[i % dims] *= 2
+        i += 1
+    if dims == 3 and chips < 8:  # one host's bounds (2x2x1) must divide the layout
+        return tuple(sorted(shape, reverse=True))
+    return tuple(sorted(shape))
+
+
+def known_topologies() -> list[str]:
+    out = []
+    for name, chip in CHIPS.items():
+        for k in range(0, 13):
+            n = 2 ** k * chip.cores_per_chip
+            out.append(f"{name}-{n}")
+    return out
+
+
+def parse_topology(name: str) -> tuple[Chip, int, str]:
+    """'v5p-512' -> (chip, number of chips, libtpu topology string such as 'v5p:4x8x8')."""
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", name.strip().lower())
+    if not m:
+        raise TopologyError(f"unknown topology {name!r}; known: {', '.join(known_topologies()[:8])} ... "
+                            f"(v4-N, v5e-N, v5p-N, v6e-N with N a power of two; N counts TensorCores for v4/v5p)")
+    chip = CHIPS[m.group(1)]
+    n = int(m.group(2))
+    if n % chip.cores_per_chip:
+        raise TopologyError(f"{name}: {m.group(1)} counts {chip.cores_per_chip} TensorCores per chip; N must be even")
+    chips = n // chip.cores_per_chip
+    try:
+        shape = _grid(chips, chip.dims)
+    except TopologyError as e:
+        raise TopologyError(f"{name}: {e}") from None
+    return chip, chips, f"{chip.family}:{'x'.join(map(str, shape))}"
+
+
+def topology_devices(name: str):
+    """(chip, TPU devices of the named topology) compiled for from this host."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    from jax.experimental import topologies
+
+    chip, chips, topo = parse_topology(name)
+    kw = {"chip_config_name": chip.chip_config} if chip.chip_config else {}
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo, **kw)
+    if len(desc.devices) != chips:
+        raise TopologyError(f"{name}: libtpu gave {len(desc.devices)} devices for {topo}, expected {chips}")
+    return chip, desc.devices
+
+
+@dataclasses.dataclass
+class Report:
+    """What one AOT compilation tells: per-chip memory, FLOPs, estimated time."""
+
+    topology: str
+    mesh: dict
+    mode: str
+    chips: int
+    hbm_bytes: float
+    argument_bytes: int
+    output_bytes: int
+    temp_bytes: int
+    alias_bytes: int
+    flops: float  # per step, all chips, loop bodies scaled by their trip counts
+    analytic_flops: float
+    seconds: float  # XLA's estimate for one step
+    tokens: int
+    compile_s: float
+    collective_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.hbm_bytes
+
+    def mfu(self, peak: float) -> float:
+        return self.analytic_flops / max(self.seconds, 1e-12) / (peak * self.chips)
+
+    def lines(self, peak: float) -> list[str]:
+        gib = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
+        verdict = "FITS" if self.fits else f"DOES NOT FIT: short by {(self.total_bytes - self.hbm_bytes) / GiB:.2f} GiB"
+        out = [f"{self.mode} step on {self.topology} ({self.chips} chips), mesh {self.mesh}; compiled in "
+               f"{self.compile_s:.1f}s",
+               f"  per-chip HBM: arguments {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)}, "
+               f"outputs {gib(self.output_bytes)}, aliased -{gib(self.alias_bytes)}",
+               f"  total {gib(self.total_bytes)} of {gib(self.hbm_bytes)} -> {verdict}",
+               f"  compiled FLOPs/step {self.flops:.4e}; analytic {self.analytic_flops:.4e}; ratio "
+               f"{self.flops / max(self.analytic_flops, 1):.3f}",
+               f"  XLA-estimated step time {self.seconds:.3f}s -> MFU {self.mfu(peak):.1%}, "
+               f"{self.tokens / max(self.seconds, 1e-12) / self.chips:,.0f} tokens/s per chip",
+               f"  collectives in the compiled module (loop bodies once): {self.collective_bytes / GiB:.2f} GiB"]
+        return out
+
+
+_COLLECTIVE = re.compile(r"=\s*(\w+)\[([\d,]*)\][^=]*?\s(all-reduce|all-gather|reduce-scatter|all-to-all|"
+                         r"collective-permute|ragged-all-to-all)(?:-start)?\(")
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1, "s64": 8}
+
+
+def collective_bytes(hlo_text: str) -> int:
+    """Sum of the result sizes of collective ops in an HLO module's text."""
+    total = 0
+    for dtype, dims, _ in _COLLECTIVE.findall(hlo_text):
+        total += _BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def _compile_train(config: K2Config, mesh, batch: int, seq: int, microbatches: int):
+    from k2jax.optim import OptimConfig
+    from k2jax.train import LossConfig, Trainer
+
+    trainer = Trainer(config, OptimConfig(), mesh, loss=LossConfig(vocab_chunk=8192), microbatches=microbatches)
+    state = trainer.abstract_state()
+    spec = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=trainer.batch_sharding)
+    t0 = time.perf_counter()
+    compiled = _compile_or_oom(trainer.lower(state, {"tokens": spec, "segment_ids": spec, "positions": spec}))
+    return compiled, time.perf_counter() - t0
+
+
+def _cost(compiled, chip: Chip) -> tuple[float, float]:
+    """(per-chip FLOPs, seconds) of a compiled step: XLA's optimal_seconds when it gives one, else the
+    roofline max(FLOPs / peak, bytes accessed / HBM bandwidth)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0))
+    seconds = float(cost.get("optimal_seconds", -1.0))
+    if seconds <= 0:
+        seconds = max(flops / chip.peak_flops, float(cost.get("bytes accessed", 0.0)) / chip.hbm_bandwidth)
+    return flops, seconds
+
+
+def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int, seq: int,
+                  microbatches: int = 1) -> Report:
+    """AOT-compiles the real train step; FLOPs and time come from 2- and 3-layer unrolled builds, extrapolated
+    to the full depth (XLA counts a scanned loop body once)."""
+    from k2jax.train import analytic_train_flops
+
+    chip, devices = topology_devices(topology)
+    mesh = make_mesh(mesh_spec, devices=devices)
+    config = config.replace(moe_impl="ragged")
+    compiled, secs = _compile_train(config, mesh, batch, seq, microbatches)
+    mem = compiled.memory_analysis()
+    over = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    if over > chip.hbm_bytes:  # the verdict is known: skip the FLOPs builds
+        return Report(topology, dict(mesh.shape), "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
+                      mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, float("nan"),
+                      analytic_train_flops(config, batch * seq, seq), float("nan"), batch * seq, secs, 0)
+    per_layers = {}
+    for n in (2, 3):
+        small = config.replace(num_hidden_layers=n, first_k_dense_replace=min(config.first_k_dense_replace, 1),
+                               scan_layers=False)
+        c, _ = _compile_train(small, mesh, batch // microbatches, seq, 1)
+        per_layers[n] = _cost(c, chip)
+    (f2, s2), (f3, s3) = per_layers[2], per_layers[3]
+    extra = config.num_hidden_layers - 3
+    flops = microbatches * (f3 + extra * (f3 - f2))
+    seconds = microbatches * (s3 + extra * (s3 - s2))
+    return Report(topology, dict(mesh.shape), "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
+                  mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, flops * len(devices),
+                  analytic_train_flops(config, batch * seq, seq), seconds, batch * seq, secs,
+                  collective_bytes(compiled.as_text()))
+
+
+def compile_decode(config: K2Config, topology: str, mesh_spec: str, *, batch: int, context: int,
+                   cache_dtype: str = "bfloat16") -> Report:
+    """AOT-compiles one decode step (absorbed latent cache of `context` tokens) for `batch` sequences."""
+    from flax import nnx
+
+    from k2jax.api import Model
+    from k2jax.decode import Sampler
+    from k2jax.init import abstract_model, state_shardings
+    from k2jax.sharding import ShardingRules, check_divisible
+
+    chip, devices = topology_devices(topology)
+    mesh = make_mesh(mesh_spec, devices=devices)
+    rules = ShardingRules()
+    config = config.replace(moe_impl="ragged")
+    check_divisible(config, mesh, rules)
+    graphdef, abstract = abstract_model(config, rules)
+    sh = state_shardings(abstract, mesh, rules)
+    state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), abstract, sh)
+    model = Model(config, graphdef, state, mesh, rules)
+    sampler = Sampler(model, cache_dtype)
+    cache_sh = rules.sharding(("layers", "batch", None, None), mesh)
+    store = jnp.int8 if cache_dtype == "int8" else jnp.dtype(cache_dtype)
+    cache = {}
+    for name, n in (("dense_layers", config.num_dense_layers), ("moe_layers", config.num_moe_layers)):
+        if n:
+            entry = {"latent": jax.ShapeDtypeStruct((n, batch, context, config.kv_lora_rank), store, sharding=cache_sh),
+                     "k_rope": jax.ShapeDtypeStruct((n, batch, context, config.qk_rope_head_dim), store,
+                                                    sharding=cache_sh)}
+            if cache_dtype == "int8":
+                entry.update({k: jax.ShapeDtypeStruct((n, batch, context, 1), jnp.float32, sharding=cache_sh)
+                              for k in ("latent_scale", "k_rope_scale")})
+            cache[name] = entry
+    vec = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rules.sharding(("batch",), mesh))
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = _compile_or_oom(sampler.jit_decode_step.lower(state, cache, vec, vec))
+    secs = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    flops, seconds = _cost(compiled, chip)
+    scale = config.num_moe_layers  # the MoE scan body is counted once
+    from k2jax.init import param_count
+
+    _, active = param_count(config)
+    analytic = 2.0 * active * batch + 4.0 * config.num_hidden_layers * config.num_attention_heads * (
+        config.kv_lora_rank + config.qk_rope_head_dim) * context * batch
+    del nnx
+    return Report(topology, dict(mesh.shape), f"decode (batch {batch}, context {context}, {cache_dtype} cache)",
+                  len(devices), chip.hbm_bytes, mem.argument_size_in_bytes, mem.output_size_in_bytes,
+                  mem.temp_size_in_bytes, mem.alias_size_in_bytes, flops * len(devices) * scale, analytic,
+                  seconds * scale, batch, secs, collective_bytes(compiled.as_text()))
+
+
+def candidate_meshes(chips: int, config: K2Config) -> list[str]:
+    """A short list of layouts worth trying on `chips` chips (expert and tensor axes that divide the model)."""
+    out = [f"fsdp={chips}"]
+    for ep in (8, 16, 32, 64):
+        for tp in (1, 2, 4):
+            if ep * tp <= chips and chips % (ep * tp) == 0 and config.n_routed_experts % ep == 0 \
+                    and config.num_attention_heads % tp == 0:
+                rest = chips // (ep * tp)
+                spec = f"fsdp={rest},expert={ep}" + (f",tensor={tp}" if tp > 1 else "")
+                out.append(spec)
+    return out
+
+
+def check_mesh(spec: str, chips: int) -> None:
+    from k2jax.sharding import parse_mesh_spec
+
+    sizes = parse_mesh_spec(spec)
+    if math.prod(sizes.values() or [1]) != chips:
+        raise ShardingError(f"--mesh={spec!r} has {math.prod(sizes.values() or [1])} devices but the topology has "
+                            f"{chips} chips")

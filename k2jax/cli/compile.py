@@ -1,0 +1,81 @@
+"""k2jax-compile: AOT-compile the K2 train or decode step for a TPU topology from this host, with a verdict."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU; run nothing
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+from absl import flags  # noqa: E402
+
+from k2jax.cli.common import config_from_flags, run_main  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "kimi_k2", "Preset name, preset file or HF config.json.")
+flags.DEFINE_string("topology", "v5p-512", "Cloud TPU name: v4-N, v5e-N, v5p-N, v6e-N.")
+flags.DEFINE_string("mesh", "", "Mesh spec, e.g. fsdp=64,expert=8 (default: all chips on fsdp).")
+flags.DEFINE_enum("mode", "train", ["train", "decode"], "Which step to compile.")
+flags.DEFINE_integer("batch", 0, "Global batch in sequences (train; default 1 per chip) or decode batch (default 1).")
+flags.DEFINE_integer("seq", 4096, "Train sequence length.")
+flags.DEFINE_integer("context", 32768, "Decode cache length.")
+flags.DEFINE_integer("microbatches", 1, "Gradient accumulation microbatches (train).")
+flags.DEFINE_enum("cache_dtype", "bfloat16", ["bfloat16", "float32", "int8"], "Decode cache dtype.")
+flags.DEFINE_multi_string("set", [], "Config override key=value (repeatable), e.g. --set param_dtype=bfloat16.")
+flags.DEFINE_bool("search", False, "Try a short list of meshes and remat policies; print a ranked table.")
+
+
+def main(argv):
+    del argv
+    from k2jax import aot
+
+    config = config_from_flags(FLAGS.config, FLAGS.set)
+    chip, chips, topo = aot.parse_topology(FLAGS.topology)
+    print(f"{FLAGS.topology}: {chips} x {chip.family} chips ({topo}), {chip.hbm_bytes / aot.GiB:.2f} GiB HBM each")
+
+    def one(mesh, cfg):
+        aot.check_mesh(mesh, chips)
+        if FLAGS.mode == "train":
+            return aot.compile_train(cfg, FLAGS.topology, mesh, batch=FLAGS.batch or chips, seq=FLAGS.seq,
+                                     microbatches=FLAGS.microbatches)
+        return aot.compile_decode(cfg, FLAGS.topology, mesh, batch=FLAGS.batch or 1, context=FLAGS.context,
+                                  cache_dtype=FLAGS.cache_dtype)
+
+    if not FLAGS.search:
+        mesh = FLAGS.mesh or f"fsdp={chips}"
+        try:
+            report = one(mesh, config)
+        except aot.DoesNotFit as e:
+            print(f"{FLAGS.mode} step on {FLAGS.topology}, mesh {mesh}: DOES NOT FIT: the compiler needs "
+                  f"{e.required / aot.GiB:.2f} GiB per chip of temporaries alone, {e.available / aot.GiB:.2f} GiB "
+                  f"available: short by at least {(e.required - e.available) / aot.GiB:.2f} GiB")
+            return 1
+        print("\n".join(report.lines(chip.peak_flops)))
+        return 0 if report.fits else 1
+    rows = []
+    remats = ("full", "dots_no_batch") if FLAGS.mode == "train" else (config.remat_policy,)
+    for mesh in aot.candidate_meshes(chips, config):
+        for remat in remats:
+            try:
+                r = one(mesh, config.replace(remat_policy=remat))
+                rows.append((mesh, remat, r.fits, r.total_bytes / aot.GiB, r.seconds, r.mfu(chip.peak_flops), ""))
+            except aot.DoesNotFit as e:
+                rows.append((mesh, remat, False, e.required / aot.GiB, float("inf"), 0.0, "temporaries alone"))
+            except Exception as e:  # a layout the compiler rejects is a row of the table, not the end of the search
+                rows.append((mesh, remat, False, float("nan"), float("inf"), 0.0, str(e).splitlines()[0][:60]))
+            print(f"  tried {mesh} remat={remat}", file=sys.stderr, flush=True)
+    rows.sort(key=lambda r: (not r[2], r[4]))
+    print(f"{'mesh':32s} {'remat':14s} {'fits':5s} {'GiB/chip':>9s} {'step s':>8s} {'MFU':>6s}")
+    for mesh, remat, fits, gib, secs, mfu, err in rows:
+        print(f"{mesh:32s} {remat:14s} {'yes' if fits else 'no':5s} {gib:9.2f} {secs:8.3f} {mfu:6.1%} {err}")
+    return 0 if rows and rows[0][2] else 1
+
+
+def run():
+    run_main(main)
+
+
+if __name__ == "__main__":
+    sys.exit(run())
