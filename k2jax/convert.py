@@ -127,7 +127,8 @@ def import_hf(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", workers:
         with open(_marker(stage, name) + ".tmp", "w") as f:
             f.write(_digest(unit))
         os.replace(_marker(stage, name) + ".tmp", _marker(stage, name))
-        progress.add(source.folder.get(name).nbytes)
+        dtype, shape = source.folder.info(name)
+        progress.add(int(np.prod(shape)) * dtype.itemsize)
 
     with cf.ThreadPoolExecutor(max(1, workers)) as pool:
         for fut in cf.as_completed([pool.submit(run, j) for j in todo]):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import ml_dtypes
 import numpy as np
@@ -24,7 +24,10 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile:
-    """One .safetensors file: `header[name] = (dtype, shape)`, `get(name)` a zero-copy memory-mapped array."""
+    """One .safetensors file: `entries[name] = (dtype, shape, offsets)`; `get(name)` reads one tensor.
+
+    Tensors are read with positioned reads into fresh buffers rather than through a memory map, so pages of
+    tensors already converted do not stay mapped (and counted) in the process."""
 
     def __init__(self, path: str):
         self.path = path
@@ -43,16 +46,22 @@ class SafetensorsFile:
             if info["dtype"] not in DTYPES:
                 raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
             self.entries[name] = (DTYPES[info["dtype"]], tuple(info["shape"]), tuple(info["data_offsets"]))
-        self._mm = None
-
     def keys(self):
         return self.entries.keys()
 
     def get(self, name: str) -> np.ndarray:
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         dtype, shape, (start, end) = self.entries[name]
-        buf = self._mm[self._offset + start: self._offset + end]
+        buf = np.empty(end - start, np.uint8)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            view, done = memoryview(buf), 0
+            while done < len(buf):
+                n = os.preadv(fd, [view[done:]], self._offset + start + done)
+                if n <= 0:
+                    raise CheckpointError(f"{self.path}: tensor {name!r} is truncated")
+                done += n
+        finally:
+            os.close(fd)
         return buf.view(dtype).reshape(shape)
 
 
@@ -118,7 +127,3 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
             f.write(np.ascontiguousarray(arr).tobytes())
     os.replace(tmp, path)
 
-
-def iter_tensors(folder: SafetensorsFolder) -> Iterator[tuple[str, np.ndarray]]:
-    for name in folder.names():
-        yield name, folder.get(name)

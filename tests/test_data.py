@@ -110,3 +110,18 @@ def test_empty_and_missing_sources(tmp_path):
         open_source(str(tmp_path / "empty.jsonl"))
     with pytest.raises(DataError, match="matches no file"):
         open_source(str(tmp_path / "nothing*.jsonl"))
+
+
+def test_array_record_source(tmp_path, small_tokenizer):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    path = str(tmp_path / "docs.array_record")
+    writer = ArrayRecordWriter(path, "group_size:1")
+    for d in DOCS[:5]:
+        writer.write(json.dumps({"text": d}).encode())
+    writer.write(DOCS[5].encode())  # raw UTF-8 text records are read as they are
+    writer.close()
+    src = open_source(path)
+    assert len(src) == 6 and src[0] == DOCS[0] and src[5] == DOCS[5]
+    batch = next(iter(make_dataset(src, small_tokenizer.path, seq_len=16, batch_size=2)))
+    assert batch["tokens"].shape == (2, 16)
