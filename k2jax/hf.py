@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -120,15 +122,31 @@ def _make(path, template, layers, experts, unit_shape):
     return TensorMap(path, template, layers, experts, tuple(unit_shape), hf_shape)
 
 
-def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, name: str) -> np.ndarray:
-    """float32 W[i, j] = fp8[i, j] * scale_inv[i // 128, j // 128] (edge blocks partial)."""
+def _check_scale(w, scale_inv, name):
     out, inp = w.shape
     want = (-(-out // FP8_BLOCK), -(-inp // FP8_BLOCK))
     if tuple(scale_inv.shape) != want:
         raise CheckpointError(f"tensor {name}_scale_inv: expected shape {list(want)} for {name} of shape "
                               f"{[out, inp]}, got {list(scale_inv.shape)}")
-    s = np.repeat(np.repeat(scale_inv.astype(np.float32), FP8_BLOCK, 0), FP8_BLOCK, 1)[:out, :inp]
-    return w.astype(np.float32) * s
+
+
+@functools.partial(jax.jit, static_argnames=("unit_shape", "transpose", "dtype"))
+def _to_unit(w, scale_inv, *, unit_shape, transpose, dtype):
+    """(FP8 · block scales or plain) HF tensor -> destination unit, fused on the CPU with XLA."""
+    x = w
+    if scale_inv is not None:
+        out, inp = w.shape
+        x = w.astype(jnp.float32) * jnp.repeat(jnp.repeat(scale_inv.astype(jnp.float32), FP8_BLOCK, 0), FP8_BLOCK, 1)[:out, :inp]
+    if transpose and x.ndim == 2:
+        x = x.T
+    return x.reshape(unit_shape).astype(dtype)
+
+
+def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, name: str) -> np.ndarray:
+    """float32 W[i, j] = fp8[i, j] * scale_inv[i // 128, j // 128] (edge blocks partial)."""
+    _check_scale(w, scale_inv, name)
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        return np.asarray(_to_unit(w, scale_inv, unit_shape=w.shape, transpose=False, dtype=jnp.float32))
 
 
 class HFSource:
@@ -163,6 +181,17 @@ class HFSource:
             more = f" (and {len(unknown) - 20} more)" if len(unknown) > 20 else ""
             raise CheckpointError(f"{where}: unknown tensor names not in this architecture: "
                                   f"{', '.join(unknown[:20])}{more}")
+
+    def unit(self, m: "TensorMap", name: str, dtype) -> np.ndarray:
+        """One HF tensor as the destination unit (dequantised, transposed, reshaped) in `dtype`."""
+        w = self.folder.get(name)
+        scale = None
+        if w.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+            scale = self.folder.get(name + "_scale_inv")
+            _check_scale(w, scale, name)
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            return np.asarray(_to_unit(w, scale, unit_shape=tuple(m.unit_shape),
+                                       transpose=m.transposed and w.ndim == 2, dtype=np.dtype(dtype)))
 
     def hf_tensor(self, name: str) -> np.ndarray:
         """One HF tensor as float32 (FP8 dequantised with its block scales)."""

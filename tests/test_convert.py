@@ -124,29 +124,29 @@ def test_interrupted_conversion_resumes_to_an_identical_checkpoint(hf_tiny, tmp_
 
     import_hf(hf_tiny[0], str(tmp_path / "straight"), dtype="bfloat16", quiet=True)
     calls = {"n": 0}
-    original = hf_mod.HFSource.hf_tensor
+    original = hf_mod.HFSource.unit
 
-    def interrupted(self, name):
+    def interrupted(self, m, name, dtype):
         calls["n"] += 1
         if calls["n"] > 60:
             raise KeyboardInterrupt  # Ctrl-C part way
-        return original(self, name)
+        return original(self, m, name, dtype)
 
-    monkeypatch.setattr(hf_mod.HFSource, "hf_tensor", interrupted)
+    monkeypatch.setattr(hf_mod.HFSource, "unit", interrupted)
     with pytest.raises(KeyboardInterrupt):
         import_hf(hf_tiny[0], str(tmp_path / "resumed"), dtype="bfloat16", workers=1, quiet=True)
     with pytest.raises(CheckpointError, match=r"no complete k2jax checkpoint \(unfinished: 0.partial\)"):
         k2jax.load(str(tmp_path / "resumed"))
-    monkeypatch.setattr(hf_mod.HFSource, "hf_tensor", original)
+    monkeypatch.setattr(hf_mod.HFSource, "unit", original)
     done_before = len(os.listdir(tmp_path / "resumed" / "0.partial" / "done"))
     assert 50 <= done_before <= 60
     counting = {"n": 0}
 
-    def count(self, name):
+    def count(self, m, name, dtype):
         counting["n"] += 1
-        return original(self, name)
+        return original(self, m, name, dtype)
 
-    monkeypatch.setattr(hf_mod.HFSource, "hf_tensor", count)
+    monkeypatch.setattr(hf_mod.HFSource, "unit", count)
     import_hf(hf_tiny[0], str(tmp_path / "resumed"), dtype="bfloat16", workers=2, quiet=True)
     total = len(SafetensorsFolder(hf_tiny[0]).names())
     assert counting["n"] == total - done_before  # finished tensors were skipped
