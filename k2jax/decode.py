@@ -99,8 +99,16 @@ class Sampler:
         return entry[name]
 
     # ------------------------------------------------------------------ layers
-    def _layers(self, module, stack_name):
-        return getattr(module, stack_name)
+    @staticmethod
+    def _stacks(module):
+        """(name, graphdef, stacked layer state) of each layer stack the model has."""
+        for name in ("dense_layers", "moe_layers"):
+            stack = getattr(module, name)
+            if stack is not None:
+                yield (name, *nnx.split(stack))
+
+    def _embed(self, module, tokens):
+        return jnp.take(module.embed[...], tokens, axis=0).astype(dtype_of(self.config.dtype))
 
     def _ffn(self, blk, h):
         if blk.is_moe:
@@ -113,14 +121,10 @@ class Sampler:
         b, t = tokens_bt.shape
         pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_cos_sin(pos, self.inv_freq, self.attn_factor)
-        x = jnp.take(module.embed[...], tokens_bt, axis=0).astype(dtype_of(self.config.dtype))
+        x = self._embed(module, tokens_bt)
         mask = attention_mask(None, t)
         cache = {}
-        for name in ("dense_layers", "moe_layers"):
-            stack = getattr(module, name)
-            if stack is None:
-                continue
-            graphdef, layers = nnx.split(stack)
+        for name, graphdef, layers in self._stacks(module):
 
             def body(h, layer_state, graphdef=graphdef):
                 blk = nnx.merge(graphdef, layer_state)
@@ -150,13 +154,9 @@ class Sampler:
         module = nnx.merge(self.model.graphdef, state)
         b = tokens_b.shape[0]
         cos, sin = rope_cos_sin(pos_b[:, None], self.inv_freq, self.attn_factor)
-        x = jnp.take(module.embed[...], tokens_b[:, None], axis=0).astype(dtype_of(self.config.dtype))
+        x = self._embed(module, tokens_b[:, None])
         new_cache = {}
-        for name in ("dense_layers", "moe_layers"):
-            stack = getattr(module, name)
-            if stack is None:
-                continue
-            graphdef, layers = nnx.split(stack)
+        for name, graphdef, layers in self._stacks(module):
 
             def body(h, inp, graphdef=graphdef):
                 layer_state, entry = inp
