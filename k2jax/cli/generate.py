@@ -7,6 +7,7 @@ import sys
 from absl import flags
 
 from k2jax.cli.common import run_main
+from k2jax.cli.stream import stream_one
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint_dir", None, "A k2jax checkpoint: a step directory or a directory of steps.")
@@ -56,7 +57,7 @@ def main(argv):
     tok = model.tokenizer
     if FLAGS.prompt is not None:
         print(FLAGS.prompt, end="", flush=True)
-        _stream_one(model, tok.encode(FLAGS.prompt, allow_special="all"), sample)
+        stream_one(model, tok.encode(FLAGS.prompt, allow_special="all"), sample)
         print()
         return 0
     messages = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
@@ -71,30 +72,10 @@ def main(argv):
             break
         messages.append({"role": "user", "content": line})
         print("k2> ", end="", flush=True)
-        reply = _stream_one(model, tok.encode(apply_chat_template(messages), allow_special="all"), sample)
+        reply = stream_one(model, tok.encode(apply_chat_template(messages), allow_special="all"), sample)
         print()
         messages.append({"role": "assistant", "content": reply})
     return 0
-
-
-def _stream_one(model, prompt_ids, sample) -> str:
-    """Generates for one prompt, printing text as tokens arrive; returns the text without stop tokens."""
-    tok = model.tokenizer
-    state = {"ids": [], "shown": ""}
-    stops = {model.config.eos_token_id, tok.im_end_id}
-
-    def stream(step, tokens, done):
-        t = int(tokens[0])
-        if t in stops:
-            return
-        state["ids"].append(t)
-        text = tok.decode(state["ids"])
-        if not text.endswith("\ufffd"):
-            print(text[len(state["shown"]):], end="", flush=True)
-            state["shown"] = text
-
-    model.generate([prompt_ids], stream=stream, **sample)
-    return tok.decode(state["ids"])
 
 
 def run():

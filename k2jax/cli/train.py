@@ -84,12 +84,12 @@ def main(argv):
     if FLAGS.sample_tokens > 0 and jax.process_index() == 0 and jax.process_count() == 1:
         from k2jax.loop import resolve_data
 
-        from k2jax.cli.generate import _stream_one
+        from k2jax.cli.stream import stream_one
 
         model = k2jax.load(FLAGS.workdir, mesh=mesh).attach_tokenizer(resolve_data(run)[1])
         print(f"sample from {FLAGS.workdir} (step {result['final_step']}), prompt {FLAGS.sample_prompt!r}:")
         print(FLAGS.sample_prompt, end="", flush=True)
-        _stream_one(model, model.tokenizer.encode(FLAGS.sample_prompt),
+        stream_one(model, model.tokenizer.encode(FLAGS.sample_prompt),
                     dict(max_new_tokens=FLAGS.sample_tokens, temperature=0.6, top_p=0.95, seed=FLAGS.seed))
         print()
     return 0
