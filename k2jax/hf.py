@@ -224,11 +224,17 @@ def load_state(source: HFSource, abstract_state, shardings, param_dtype):
     flat_sh = dict(nnx.to_flat_state(shardings))
     out = {}
     for path, var in flat.items():
-        dtype = var.dtype if path[-1] in ("router", "router_bias") else param_dtype
+        dtype = np.dtype(var.dtype if path[-1] in ("router", "router_bias") else param_dtype)
         sharding = flat_sh[path].get_value()
-        arr = jax.make_array_from_callback(
-            tuple(var.shape), sharding, lambda idx, p=path, d=dtype: source.read(p, idx, np.dtype(d)))
-        out[path] = var.replace(arr)
+        shards = {}  # replicas ask for the same slice: read it once per array
+
+        def read(idx, p=path, d=dtype, shards=shards):
+            key = tuple((s.start, s.stop, s.step) for s in idx)
+            if key not in shards:
+                shards[key] = source.read(p, idx, d)
+            return shards[key]
+
+        out[path] = var.replace(jax.make_array_from_callback(tuple(var.shape), sharding, read))
     return nnx.from_flat_state(out)
 
 
