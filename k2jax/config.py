@@ -10,7 +10,7 @@ import os
 from typing import Any, Mapping
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-MOE_IMPLS = ("auto", "blocks", "ragged")
+MOE_IMPLS = ("auto", "blocks", "ragged", "gather")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -75,6 +75,8 @@ class K2Config:
     moe_block_size: int = 0  # rows per block of the CPU grouped matmul; 0 picks one from the token count
     moe_capacity_factor: float = 0.0  # >0: expert-parallel row buffers hold this x the balanced load (not dropless)
     moe_block_unroll: int = 1  # unroll of the loop over blocks; 0 unrolls fully (so cost_analysis counts every block)
+    attn_chunk: int = 0  # >0: training attention runs over query chunks of this length (memory ~chunk x seq, causal
+    # key blocks past each chunk skipped); 0 = one [seq, seq] score matrix per head
 
     # ------------------------------------------------------------------ derived
     @property
@@ -167,6 +169,7 @@ def validate(c: K2Config) -> None:
     _check(c.moe_block_size >= 0, "moe_block_size", f"expected >= 0, got {c.moe_block_size}")
     _check(c.moe_capacity_factor >= 0, "moe_capacity_factor", f"expected >= 0, got {c.moe_capacity_factor}")
     _check(c.moe_block_unroll >= 0, "moe_block_unroll", f"expected >= 0, got {c.moe_block_unroll}")
+    _check(c.attn_chunk >= 0, "attn_chunk", f"expected >= 0, got {c.attn_chunk}")
 
 
 def override(config: K2Config, changes: Mapping[str, Any]) -> K2Config:

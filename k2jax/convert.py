@@ -1,8 +1,9 @@
 """k2jax-convert: the official HF release (FP8 or bf16 safetensors) to a k2jax Orbax checkpoint, and back.
 
 Import streams one source tensor at a time: each (layer, expert) unit of a destination array is one chunk of
-a zarr array written with tensorstore, so peak memory is a few copies of the largest source tensor whatever
-the checkpoint size. Units finish independently (`--workers` threads); a marker per finished unit makes an
+a zarr array (tensorstore creates the arrays; the uncompressed chunks are written directly as files), and a
+unit larger than CHUNK_BYTES is cut into strips of source rows, each read, dequantised and written on its
+own, so peak memory is a few chunks per worker whatever the checkpoint size or its largest tensor. Units finish independently (`--workers` threads); a marker per finished unit makes an
 interrupted conversion resumable with the same command. Everything is staged in `<output>/0.partial` and
 renamed to `<output>/0` only when complete, so a half-written conversion never loads.
 """
@@ -83,12 +84,14 @@ class Progress:
 
 
 def _digest(a: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
+    return hashlib.blake2b(_bytes(a), digest_size=16).hexdigest()
 
 
 def import_hf(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", workers: int = 4, verify: bool = False,
-              ignore_mtp: bool = False, quiet: bool = False) -> str:
-    """Converts an HF folder into `<output_dir>/0` (a k2jax checkpoint); returns that step directory."""
+              ignore_mtp: bool = False, quiet: bool = False, chunk_bytes: int = CHUNK_BYTES) -> str:
+    """Converts an HF folder into `<output_dir>/0` (a k2jax checkpoint); returns that step directory.
+
+    Units over `chunk_bytes` are written in strips of at most that size (when their shape allows)."""
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     out_dtype = DTYPES[dtype]
@@ -108,29 +111,35 @@ def import_hf(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", workers:
     for m in maps:
         dt = np.dtype(np.float32) if m.path[-1] in ("router", "router_bias") else out_dtype
         lead = (1 if m.layers is not None else 0) + (1 if m.n_experts else 0)
+        fp8 = source.folder.info(m.hf_names()[0])[0] == np.dtype(ml_dtypes.float8_e4m3fn)
+        split = _split(m, dt.itemsize, fp8, chunk_bytes)
         unit = list(m.unit_shape)
-        while math.prod(unit) * dt.itemsize > CHUNK_BYTES and unit[0] % 2 == 0:
-            unit[0] //= 2  # large units span several chunks, so no chunk is compressed or buffered whole
+        if split is not None:
+            unit[split[0]] = split[1]
         chunks = (1,) * lead + tuple(unit)
         path = os.path.join(stage, "model", leaf_name(m.path))
         arrays[m.path] = (path, dt, chunks)
         store = _spec(path, m.shape, chunks, dt, create=not os.path.exists(os.path.join(path, ".zarray")))
         for idx, name in _units(m):
-            jobs.append((m, store, idx, name, dt))
+            jobs.append((m, path, store, idx, name, dt, split))
     progress = Progress(len(jobs), quiet)
     todo = []
     for job in jobs:
-        if os.path.exists(_marker(stage, job[3])):
+        if os.path.exists(_marker(stage, job[4])):
             progress.add(0)
         else:
             todo.append(job)
 
     def run(job):
-        m, store, idx, name, dt = job
-        unit = source.unit(m, name, dt)
-        store[idx].write(unit).result()
+        m, path, _, idx, name, dt, split = job
+        digest = hashlib.blake2b(digest_size=16)
+        for chunk, rows, shape, _ in _pieces(m, idx, split):
+            piece = source.unit(m, name, dt) if rows is None else source.piece(m, name, rows, shape, dt)
+            digest.update(_bytes(piece))
+            _write_chunk(os.path.join(path, ".".join(map(str, chunk))), piece)
+            del piece
         with open(_marker(stage, name) + ".tmp", "w") as f:
-            f.write(_digest(unit))
+            f.write(digest.hexdigest())
         os.replace(_marker(stage, name) + ".tmp", _marker(stage, name))
         dtype, shape = source.folder.info(name)
         progress.add(int(np.prod(shape)) * dtype.itemsize)
@@ -143,6 +152,60 @@ def import_hf(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", workers:
         verify_import(stage, source, jobs)
     _finalize(stage, final, config, arrays, abstract)
     return final
+
+
+def _split(m: TensorMap, itemsize: int, fp8: bool, chunk_bytes: int) -> tuple[int, int] | None:
+    """(unit dim, size along it) of the strips a large unit is written in; None when it is one chunk.
+
+    A strip is a run of the HF tensor's rows (its output features): contiguous in the source file, and one
+    block along the unit dim they map to. FP8 strips start on the 128-row scale blocks."""
+    unit = m.unit_shape
+    nbytes = math.prod(unit) * itemsize
+    if nbytes <= chunk_bytes or len(m.hf_shape) != 2:
+        return None
+    inp = m.hf_shape[1]
+    if m.transposed:  # unit = (in dims..., out dims...): split the first out dim
+        q = next((i for i in range(1, len(unit)) if math.prod(unit[:i]) == inp), None)
+        if q is None:
+            return None
+        inner = math.prod(unit[q + 1:])
+    elif tuple(unit) == tuple(m.hf_shape):
+        q, inner = 0, 1
+    else:
+        return None
+    best = 0
+    for n in range(1, unit[q]):
+        if unit[q] % n or (fp8 and (n * inner) % FP8_BLOCK):
+            continue
+        if nbytes // unit[q] * n > chunk_bytes:
+            break
+        best = n
+    return (q, best) if best else None
+
+
+def _pieces(m: TensorMap, idx: tuple[int, ...], split):
+    """(chunk index, source rows or None for the whole unit, piece shape, index into the array) per piece."""
+    zeros = (0,) * len(m.unit_shape)
+    if split is None:
+        yield idx + zeros, None, m.unit_shape, idx
+        return
+    q, n = split
+    inner = math.prod(m.unit_shape[q + 1:]) if m.transposed else 1
+    shape = tuple(n if i == q else d for i, d in enumerate(m.unit_shape))
+    for j in range(m.unit_shape[q] // n):
+        chunk = idx + tuple(j if i == q else 0 for i in range(len(zeros)))
+        where = idx + (slice(None),) * q + (slice(j * n, (j + 1) * n),)
+        yield chunk, (j * n * inner, (j + 1) * n * inner), shape, where
+
+
+def _bytes(a: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(a).view(np.uint8).reshape(-1))
+
+
+def _write_chunk(path: str, piece: np.ndarray) -> None:
+    """One uncompressed zarr chunk: the array's bytes in C order (what tensorstore reads back)."""
+    with open(path, "wb") as f:
+        f.write(_bytes(piece))
 
 
 def _marker(stage: str, hf_name: str) -> str:
@@ -168,16 +231,19 @@ def _check_stage_config(stage: str, config: K2Config):
 
 def verify_import(stage: str, source: HFSource, jobs) -> None:
     """Re-reads every written unit and compares shape, dtype and checksum with a fresh read of the source."""
-    for m, store, idx, name, dt in jobs:
-        written = store[idx].read().result()
-        want = source.unit(m, name, dt)
-        if written.shape != want.shape or written.dtype != want.dtype:
-            raise CheckpointError(f"verify: {name}: wrote {written.dtype}{list(written.shape)}, expected "
-                                  f"{want.dtype}{list(want.shape)}")
-        if _digest(written) != _digest(want):
-            raise CheckpointError(f"verify: {name}: checksum differs from the source")
+    for m, _, store, idx, name, dt, split in jobs:
+        digest = hashlib.blake2b(digest_size=16)
+        for _, rows, shape, where in _pieces(m, idx, split):
+            written = store[where].read().result()
+            want = source.unit(m, name, dt) if rows is None else source.piece(m, name, rows, shape, dt)
+            if written.shape != want.shape or written.dtype != want.dtype:
+                raise CheckpointError(f"verify: {name}: wrote {written.dtype}{list(written.shape)}, expected "
+                                      f"{want.dtype}{list(want.shape)}")
+            if _digest(written) != _digest(want):
+                raise CheckpointError(f"verify: {name}: checksum differs from the source")
+            digest.update(_bytes(want))
         with open(_marker(stage, name)) as f:
-            if f.read() != _digest(want):
+            if f.read() != digest.hexdigest():
                 raise CheckpointError(f"verify: {name}: checksum differs from the one recorded at write time")
 
 

@@ -252,6 +252,12 @@ class Sampler:
         params = SamplingParams(float(temperature), int(top_k), float(top_p))
         logits, cache, lengths = self.prefill(prompts_padded, max_len)
         key = jax.random.key(seed)
+        if stream is None:  # the whole loop on device: no host round trip per token
+            with jax.set_mesh(self.model.mesh):
+                out, n_new, _ = self._jit_loop(self.model.state, cache, logits, jnp.asarray(lengths),
+                                            jnp.asarray(stop_arr), key, max_new_tokens, params)
+            out, n_new = np.asarray(out), np.asarray(n_new)
+            return [out[i, : n_new[i]].tolist() for i in range(n)]
         pos = jnp.asarray(lengths)
         done = np.zeros(n + pad, bool)
         outs = [[] for _ in range(n)]
@@ -263,13 +269,45 @@ class Sampler:
                     if not done[i]:
                         outs[i].append(int(tok[i]))
                 done = done | (stop_arr == tok[:, None]).any(-1)
-                if stream is not None:
-                    stream(step, tok[:n], done[:n])
+                stream(step, tok[:n], done[:n])
                 if done[:n].all() or step == max_new_tokens - 1:
                     break
                 logits, cache = self.jit_decode_step(self.model.state, cache, jnp.asarray(tok), pos)
                 pos = pos + 1
         return outs
+
+    def _loop_fn(self, state, cache, logits, pos, stop_arr, key, max_new: int, params: SamplingParams):
+        """Samples up to max_new tokens per row in a lax.while_loop; (tokens [b, max_new], counts [b])."""
+        b = logits.shape[0]
+
+        def emit(st: DecodeState, logits, step):
+            rng, sub = jax.random.split(st.rng)
+            tok = sample_logits(logits, sub, params)
+            live = ~st.done
+            out = st.out.at[:, step].set(jnp.where(live, tok, -1))
+            done = st.done | (stop_arr == tok[:, None]).any(-1)
+            return dataclasses.replace(st, last=tok, done=done, out=out, n_new=st.n_new + live, rng=rng)
+
+        st = DecodeState(cache=cache, pos=pos, last=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
+                         out=jnp.full((b, max_new), -1, jnp.int32), n_new=jnp.zeros((b,), jnp.int32), rng=key)
+        st = emit(st, logits, 0)
+
+        def cond(carry):
+            step, st = carry
+            return (step < max_new) & ~st.done.all()
+
+        def body(carry):
+            step, st = carry
+            logits, cache = self._decode_fn(state, st.cache, st.last, st.pos)
+            st = dataclasses.replace(st, cache=cache, pos=st.pos + 1)
+            return step + 1, emit(st, logits, step)
+
+        _, st = jax.lax.while_loop(cond, body, (jnp.int32(1), st))
+        return st.out, st.n_new, st.cache  # the cache is returned so that its donated buffers are reused
+
+    @functools.cached_property
+    def _jit_loop(self):
+        return jax.jit(self._loop_fn, static_argnums=(6, 7), donate_argnums=(1,))
 
     @functools.cached_property
     def _sample(self):

@@ -132,11 +132,16 @@ def _check_scale(w, scale_inv, name):
 
 @functools.partial(jax.jit, static_argnames=("unit_shape", "transpose", "dtype"))
 def _to_unit(w, scale_inv, *, unit_shape, transpose, dtype):
-    """(FP8 · block scales or plain) HF tensor -> destination unit, fused on the CPU with XLA."""
+    """(FP8 · block scales or plain) HF tensor (or a strip of its rows) -> destination layout, fused by XLA."""
     x = w
     if scale_inv is not None:
         out, inp = w.shape
-        x = w.astype(jnp.float32) * jnp.repeat(jnp.repeat(scale_inv.astype(jnp.float32), FP8_BLOCK, 0), FP8_BLOCK, 1)[:out, :inp]
+        bo, bi = scale_inv.shape
+        s = scale_inv.astype(jnp.float32)
+        if out == bo * FP8_BLOCK and inp == bi * FP8_BLOCK:  # whole blocks: a broadcast multiply, ~2x faster
+            x = (w.astype(jnp.float32).reshape(bo, FP8_BLOCK, bi, FP8_BLOCK) * s[:, None, :, None]).reshape(out, inp)
+        else:
+            x = w.astype(jnp.float32) * jnp.repeat(jnp.repeat(s, FP8_BLOCK, 0), FP8_BLOCK, 1)[:out, :inp]
     if transpose and x.ndim == 2:
         x = x.T
     return x.reshape(unit_shape).astype(dtype)
@@ -172,6 +177,11 @@ class HFSource:
                 if dtype == np.dtype(ml_dtypes.float8_e4m3fn):
                     if name + "_scale_inv" not in self.folder:
                         raise CheckpointError(f"{where}: FP8 tensor {name} has no {name}_scale_inv")
+                    want = tuple(-(-n // FP8_BLOCK) for n in shape)
+                    have = self.folder.info(name + "_scale_inv")[1]
+                    if tuple(have) != want:
+                        raise CheckpointError(f"{where}: tensor {name}_scale_inv has shape {list(have)}, expected "
+                                              f"{list(want)} for {name} of shape {list(shape)}")
                     expected.add(name + "_scale_inv")
                 elif dtype.kind not in "f" and dtype != np.dtype(ml_dtypes.bfloat16):
                     raise CheckpointError(f"{where}: tensor {name} has dtype {dtype}, expected a float type")
@@ -192,6 +202,20 @@ class HFSource:
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
             return np.asarray(_to_unit(w, scale, unit_shape=tuple(m.unit_shape),
                                        transpose=m.transposed and w.ndim == 2, dtype=np.dtype(dtype)))
+
+    def piece(self, m: "TensorMap", name: str, rows: tuple[int, int], shape: tuple[int, ...], dtype) -> np.ndarray:
+        """Source rows [r0, r1) of one HF tensor as their block of the destination unit, of `shape`.
+
+        For FP8 tensors r0 must be a multiple of the 128-row scale block."""
+        w = self.folder.get(name, rows)
+        scale = None
+        if w.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+            if rows[0] % FP8_BLOCK:
+                raise ValueError(f"{name}: row strip {rows} does not start on a {FP8_BLOCK}-row scale block")
+            scale = self.folder.get(name + "_scale_inv", (rows[0] // FP8_BLOCK, -(-rows[1] // FP8_BLOCK)))
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            return np.asarray(_to_unit(w, scale, unit_shape=tuple(shape), transpose=m.transposed and w.ndim == 2,
+                                       dtype=np.dtype(dtype)))
 
     def hf_tensor(self, name: str) -> np.ndarray:
         """One HF tensor as float32 (FP8 dequantised with its block scales)."""

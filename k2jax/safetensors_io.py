@@ -49,8 +49,12 @@ class SafetensorsFile:
     def keys(self):
         return self.entries.keys()
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor `name`, or only its rows [r0, r1) (leading dimension) when `rows` is given."""
         dtype, shape, (start, end) = self.entries[name]
+        if rows is not None:
+            row_bytes = (end - start) // max(shape[0], 1)
+            start, end, shape = start + rows[0] * row_bytes, start + rows[1] * row_bytes, (rows[1] - rows[0],) + shape[1:]
         buf = np.empty(end - start, np.uint8)
         fd = os.open(self.path, os.O_RDONLY)
         try:
@@ -103,8 +107,8 @@ class SafetensorsFolder:
         dtype, shape, _ = self.files[self.where[name]].entries[name]
         return dtype, shape
 
-    def get(self, name: str) -> np.ndarray:
-        return self.files[self.where[name]].get(name)
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        return self.files[self.where[name]].get(name, rows)
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):

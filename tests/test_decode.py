@@ -82,6 +82,16 @@ def test_stop_tokens_end_sequences_independently(model, prompts):
     assert per_seq[0] == full[0][:3] and per_seq[1] == full[1] and per_seq[2] == full[2]
 
 
+def test_device_loop_equals_streamed_loop(model, prompts):
+    """generate() without a stream runs one lax.while_loop on device; with one, a host loop: same tokens."""
+    full = model.generate(prompts, max_new_tokens=12, stop=[])
+    for kw in (dict(stop=[full[1][4]]), dict(temperature=0.8, top_p=0.9, seed=5, stop=[full[0][3]])):
+        steps = []
+        streamed = model.generate(prompts, max_new_tokens=12, stream=lambda i, t, d: steps.append(i), **kw)
+        assert model.generate(prompts, max_new_tokens=12, **kw) == streamed
+        assert steps == list(range(len(steps))) and max(map(len, streamed)) == len(steps)
+
+
 def test_low_precision_caches(model, prompts):
     ref = model.generate(prompts, max_new_tokens=8, stop=[])
     for dtype in ("bfloat16", "int8"):

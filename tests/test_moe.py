@@ -63,7 +63,7 @@ def test_moe_layer_flops_near_ideal(tiny_config):
     assert 1.0 <= ratio <= 1.25, ratio
 
 
-@pytest.mark.parametrize("impl, block", [("blocks", 0), ("blocks", 8), ("ragged", 0)])
+@pytest.mark.parametrize("impl, block", [("blocks", 0), ("blocks", 8), ("ragged", 0), ("gather", 0)])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_moe_matches_float64_reference(tiny_config, impl, block, grouped):
     c = tiny_config.replace(moe_impl=impl, moe_block_size=block, **(GROUPED if grouped else {}))

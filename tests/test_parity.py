@@ -75,3 +75,29 @@ def test_bfloat16_close_to_float32(hf_tiny, one_device, tokens_2x64):
     ref = np.asarray(one_device.logits(tokens_2x64))
     # bf16 rounding can flip a near-tied expert choice for a few tokens, so compare in aggregate
     assert np.linalg.norm(out - ref) < 0.05 * np.linalg.norm(ref)
+
+
+def test_chunked_attention_matches_one_score_matrix(hf_tiny, one_device, tokens_2x64):
+    """attn_chunk: query chunks against the keys up to their end give the same logits, max logits and gradients
+    (packed documents with padding included)."""
+    chunked = k2jax.load_hf(hf_tiny[0], attn_chunk=16)
+    seg = np.array([[1] * 40 + [2] * 20 + [0] * 4, [1] * 64])
+    pos = np.array([list(range(40)) + list(range(20)) + [0] * 4, list(range(64))])
+
+    def run(model):
+        def loss(state):
+            h, stats = nnx.merge(model.graphdef, state).hidden(tokens_2x64, pos, seg)
+            return (h ** 2).sum(), stats
+
+        (value, stats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(model.state)
+        return value, stats, grads
+
+    (v0, s0, g0), (v1, s1, g1) = run(one_device), run(chunked)
+    np.testing.assert_allclose(v1, v0, rtol=1e-5)
+    for name in s0:
+        np.testing.assert_allclose(s1[name]["max_logit"], s0[name]["max_logit"], rtol=1e-5)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)):
+        a, b = np.asarray(a.get_value()), np.asarray(b.get_value())
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max() + 1e-8, path  # float32 summation order only
+    np.testing.assert_allclose(np.asarray(chunked.logits(tokens_2x64)), np.asarray(one_device.logits(tokens_2x64)),
+                               atol=1e-5)

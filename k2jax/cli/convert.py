@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags
@@ -24,6 +25,10 @@ flags.DEFINE_bool("quiet", False, "No progress line.")
 
 def main(argv):
     del argv
+    import jax
+
+    if not os.environ.get("JAX_PLATFORMS"):  # conversion is host work: never bring up an accelerator runtime
+        jax.config.update("jax_platforms", "cpu")
     from k2jax.convert import export_hf, import_hf
 
     if not FLAGS.output_dir:

@@ -56,7 +56,10 @@ class MLAttention(nnx.Module):
     def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_bt: jax.Array | None):
         """Self-attention over x [b, t, d]; returns (out [b, t, d], max pre-softmax logit per head [h])."""
         q_nope, q_rope, latent_btc, k_rope_btr = self.project(x_btd, cos, sin)
-        mask = attention_mask(segment_ids_bt, x_btd.shape[1])
+        t, chunk = x_btd.shape[1], self.config.attn_chunk
+        if 0 < chunk < t and t % chunk == 0:
+            return self.attend_chunked(q_nope, q_rope, latent_btc, k_rope_btr, segment_ids_bt, chunk)
+        mask = attention_mask(segment_ids_bt, t)
         real = mask if segment_ids_bt is None else mask & (segment_ids_bt != 0)[:, None, :, None]
         out, scores = self.attend_expanded(q_nope, q_rope, latent_btc, k_rope_btr, mask)
         max_logit_h = jnp.max(jnp.where(real, scores, -jnp.inf), axis=(0, 2, 3))
@@ -74,6 +77,41 @@ class MLAttention(nnx.Module):
         probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(dt)
         out_bthv = jnp.einsum("bhts,bshv->bthv", probs, v_bshv)
         return jnp.einsum("bthv,hvd->btd", out_bthv, self.o[...].astype(dt)), scores
+
+    def attend_chunked(self, q_nope, q_rope, latent_btc, k_rope_btr, segment_ids_bt, chunk: int):
+        """Causal attention one query chunk at a time, each against only the keys up to its end, rematerialised
+        in the backward pass: scores are [b, h, chunk, <= t] instead of [b, h, t, t]. Returns (out [b,t,d], max
+        pre-softmax logit per head [h])."""
+        c, dt = self.config, self.dtype
+        kv_bshk = jnp.einsum("bsc,chk->bshk", latent_btc.astype(dt), self.kv_b[...].astype(dt))
+        kv_bshk = constrain(kv_bshk, self.rules, ("batch", "act_seq", "act_heads", None))
+        k_nope, v_bshv = kv_bshk[..., : c.qk_nope_head_dim], kv_bshk[..., c.qk_nope_head_dim:]
+        b, t = q_nope.shape[:2]
+        seg = jnp.ones((b, t), jnp.int32) if segment_ids_bt is None else segment_ids_bt
+
+        @jax.checkpoint
+        def one(qn, qr, kn, kr, v, seg_q, seg_k, q0):
+            s = kn.shape[1]
+            scores = jnp.einsum("bthn,bshn->bhts", qn, kn, preferred_element_type=jnp.float32)
+            scores += jnp.einsum("bthr,bsr->bhts", qr, kr.astype(dt), preferred_element_type=jnp.float32)
+            scores *= c.softmax_scale
+            causal = (q0 + jnp.arange(qn.shape[1]))[:, None] >= jnp.arange(s)[None, :]
+            mask = causal[None, None] & (seg_q[:, None, :, None] == seg_k[:, None, None, :])
+            probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(dt)
+            real = mask & (seg_q != 0)[:, None, :, None]
+            return (jnp.einsum("bhts,bshv->bthv", probs, v),
+                    jnp.max(jnp.where(real, scores, -jnp.inf), axis=(0, 2, 3)))
+
+        outs, maxes = [], []
+        for q0 in range(0, t, chunk):
+            q1 = q0 + chunk
+            o, m = one(q_nope[:, q0:q1], q_rope[:, q0:q1], k_nope[:, :q1], k_rope_btr[:, :q1], v_bshv[:, :q1],
+                       seg[:, q0:q1], seg[:, :q1], q0)
+            outs.append(o)
+            maxes.append(m)
+        out_bthv = jnp.concatenate(outs, axis=1)
+        max_logit_h = jax.lax.stop_gradient(jnp.max(jnp.stack(maxes), axis=0))
+        return jnp.einsum("bthv,hvd->btd", out_bthv, self.o[...].astype(dt)), max_logit_h
 
     def attend_absorbed(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask):
         """Attention in the latent space (decode): W_kvb's key half absorbed into q, its value half applied after.

@@ -5,7 +5,10 @@ Two formulations with the same result:
   dense work over every expert on the CPU backend);
 - "blocks": rows sorted by expert, each expert's group padded to a multiple of a row block, and a loop over
   the blocks, each multiplying by its expert's weights read in place (near-ideal on CPU: padding < 1 block
-  per expert, and blocks past the last used one are skipped at run time).
+  per expert, and blocks past the last used one are skipped at run time);
+- "gather": each (token, expert) assignment gathers its expert's weights and multiplies them directly. For
+  decode-sized token counts (assignments <= experts) this reads only the chosen experts with no sorting or
+  loop, which is what "auto" picks on CPU there.
 """
 
 from __future__ import annotations
@@ -17,11 +20,25 @@ import jax
 import jax.numpy as jnp
 
 
-def resolve_impl(impl: str) -> str:
-    """'auto' -> 'ragged' on TPU/GPU backends, 'blocks' on CPU."""
+def resolve_impl(impl: str, rows: int = 0, n_groups: int = 0) -> str:
+    """'auto' -> 'ragged' on TPU/GPU backends; on CPU 'gather' when rows <= n_groups (decode), else 'blocks'."""
     if impl != "auto":
         return impl
-    return "blocks" if jax.default_backend() == "cpu" else "ragged"
+    if jax.default_backend() != "cpu":
+        return "ragged"
+    return "gather" if rows <= n_groups else "blocks"
+
+
+def _gather_swiglu(x_td, idx_tk, w_tk, wg_edf, wu_edf, wd_efd):
+    """sum_k w[t,k]·SwiGLU_{idx[t,k]}(x[t]) with each assignment's expert weights gathered: [t,d] -> [t,d]."""
+    n_exp, dtype = wg_edf.shape[0], x_td.dtype
+    valid = (idx_tk >= 0) & (idx_tk < n_exp)
+    e_tk = jnp.clip(idx_tk, 0, n_exp - 1)
+    g = jnp.einsum("td,tkdf->tkf", x_td, wg_edf[e_tk], preferred_element_type=dtype)
+    u = jnp.einsum("td,tkdf->tkf", x_td, wu_edf[e_tk], preferred_element_type=dtype)
+    y_tkd = jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(g) * u, wd_efd[e_tk], preferred_element_type=dtype)
+    w = jnp.where(valid, w_tk, 0.0).astype(dtype)
+    return jnp.einsum("tkd,tk->td", y_tkd, w)
 
 
 def block_size_for(rows: int, n_groups: int, requested: int = 0) -> int:
@@ -107,6 +124,9 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
     t, k = idx_tk.shape
     n_exp = wg_edf.shape[0]
     dtype = x_td.dtype
+    impl = resolve_impl(impl, t * k, n_exp)
+    if impl == "gather":
+        return _gather_swiglu(x_td, idx_tk, w_tk, wg_edf, wu_edf, wd_efd)
     flat = idx_tk.reshape(-1)
     valid = (flat >= 0) & (flat < n_exp)
     key = jnp.where(valid, flat, n_exp)
@@ -119,7 +139,7 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
     group_sizes = jnp.zeros((n_exp + 1,), jnp.int32).at[sorted_key].add(1)[:n_exp]
     x_md = x_td[token]
     m = order.shape[0]
-    if resolve_impl(impl) == "ragged":
+    if impl == "ragged":
         pad = (1 << max(n_exp - 1, 0).bit_length()) - n_exp
         if pad:  # libtpu 0.0.42 miscompiles the backward ragged_dot for group counts such as 384 or 48; empty
             # groups cost no FLOPs, only a transient zero-padded copy of the weights
