@@ -116,11 +116,25 @@ def main():
     if r.returncode:
         sys.exit(r.stderr)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    written = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs)
+    probe = os.path.join(args.dir, "write_probe")  # the disk's own write speed: 2 GB written and fsync'ed
+    block = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8)
+    t0 = time.perf_counter()
+    with open(probe, "wb") as f:
+        for _ in range(32):
+            f.write(block)
+        os.fsync(f.fileno())
+    write_rate = 32 * block.nbytes / (time.perf_counter() - t0) / 1e9
+    os.remove(probe)
     print(f"source: {len(files)} shards, {len(folder.names())} tensors, {size / 1e9:.2f} GB; largest tensor "
           f"{largest / 1e6:.1f} MB")
     print(f"plain read of the files: {read_rate:.2f} GB/s")
     print(f"k2jax-convert (bf16, {args.workers} workers): {dt:.1f}s = {size / dt / 1e9:.2f} GB/s of source "
           f"({size / dt / 1e9 / read_rate:.0%} of plain read), peak RSS {peak / 2**30:.2f} GiB")
+    print(f"written: {written / 1e9:.2f} GB at {written / dt / 1e9:.2f} GB/s; the disk's fsync'ed write speed "
+          f"{write_rate:.2f} GB/s, so writing the output alone takes >= {written / 1e9 / write_rate:.1f}s "
+          f"(source rate <= {size / 1e9 / (written / 1e9 / write_rate):.2f} GB/s = "
+          f"{size / 1e9 / (written / 1e9 / write_rate) / read_rate:.0%} of plain read)")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ def chunked_cross_entropy(h_nd: jax.Array, kernel_dv: jax.Array, targets_n: jax.
     """(sum of masked token losses, sum of masked logsumexp², max |logit|) for hidden states [n, d].
 
     Logits are made one vocabulary chunk at a time (a scan whose body is rematerialised in the backward
-    pass), so [n, vocab] is never held at once; everything is accumulated in float32.
+    pass), so [n, vocab] is never held at once; everything is accumulated in float32. A chunk of the whole
+    vocabulary (chunk >= vocab) keeps its logits for the backward pass instead of recomputing them.
     """
     n, d = h_nd.shape
     v = kernel_dv.shape[1]
@@ -27,7 +28,6 @@ def chunked_cross_entropy(h_nd: jax.Array, kernel_dv: jax.Array, targets_n: jax.
     k_cdv = kernel_dv.reshape(d, v // c, c).transpose(1, 0, 2)
     h = h_nd.astype(dtype)
 
-    @jax.checkpoint
     def body(carry, inp):
         m, s, tgt, mx = carry
         i, k_dv = inp
@@ -40,6 +40,8 @@ def chunked_cross_entropy(h_nd: jax.Array, kernel_dv: jax.Array, targets_n: jax.
         mx = jnp.maximum(mx, jnp.abs(logits).max())
         return (new_m, s, tgt, mx), None
 
+    if v // c > 1:
+        body = jax.checkpoint(body)
     init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32),
             jnp.zeros((), jnp.float32))
     (m, s, tgt, mx), _ = jax.lax.scan(body, init, (jnp.arange(v // c), k_cdv))
