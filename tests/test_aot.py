@@ -43,7 +43,7 @@ def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes():
     report = aot.compile_train(config, "v5p-8", "expert=2,tensor=2", batch=8, seq=128)
     assert report.fits and report.chips == 4 and report.mesh["expert"] == 2 and report.mesh["tensor"] == 2
     _, devices = aot.topology_devices("v5p-8")
-    compiled, _ = aot._compile_train(config.replace(moe_impl="ragged"), make_mesh("expert=2,tensor=2",
+    compiled, _ = aot._compile_train(config.replace(moe_impl="blocks"), make_mesh("expert=2,tensor=2",
                                                                                    devices=devices), 8, 128, 1)
     mem = compiled.memory_analysis()
     assert report.argument_bytes == mem.argument_size_in_bytes > 0
@@ -55,6 +55,33 @@ def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes():
     assert report.seconds > 0
     dec = aot.compile_decode(config, "v5p-8", "expert=2,tensor=2", batch=4, context=256)
     assert dec.fits and dec.total_bytes > 0 and dec.flops > 0
+
+
+def test_moe_layer_compiled_for_tpu_stays_near_the_ideal_flops():
+    """One MoE layer, forward and backward, 4096 tokens, compiled for a v5p chip: <= 1.25x the ideal FLOPs."""
+    os.environ.update(TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import SingleDeviceSharding
+
+    import k2jax
+    from k2jax import aot
+    from k2jax.layers.grouped import ideal_moe_flops
+    from k2jax.layers.moe import MoE
+    from k2jax.sharding import ShardingRules
+
+    _, devices = aot.topology_devices("v5p-8")
+    sh = SingleDeviceSharding(devices[0])
+    c = k2jax.load_config("tiny").replace(moe_impl="blocks", moe_block_unroll=0, dtype="bfloat16",
+                                          param_dtype="bfloat16")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MoE(c, ShardingRules(), rngs=nnx.Rngs(0))))
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state)
+    x = jax.ShapeDtypeStruct((2, 2048, c.hidden_size), jnp.bfloat16, sharding=sh)
+    loss = lambda s, x: nnx.merge(graphdef, s)(x)[0].astype(jnp.float32).sum()  # noqa: E731
+    compiled = jax.jit(jax.grad(loss, (0, 1))).lower(state, x).compile()
+    ratio = aot._cost(compiled, aot.CHIPS["v5p"])[0] / (3 * ideal_moe_flops(4096, c))
+    assert 1.0 <= ratio <= 1.25, ratio
 
 
 def test_full_k2_on_v5e_8_reports_the_shortfall_without_allocating_weights():
