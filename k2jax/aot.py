@@ -161,7 +161,8 @@ class Report:
                f"  compiled FLOPs/step {self.flops:.4e}; analytic {self.analytic_flops:.4e}; ratio "
                f"{self.flops / max(self.analytic_flops, 1):.3f}",
                f"  XLA-estimated step time {self.seconds:.3f}s -> MFU {self.mfu(peak):.1%}, "
-               f"{self.tokens / max(self.seconds, 1e-12) / self.chips:,.0f} tokens/s per chip",
+               f"{self.tokens / max(self.seconds, 1e-12):,.1f} tokens/s for the slice "
+               f"({self.tokens / max(self.seconds, 1e-12) / self.chips:,.2f} per chip)",
                f"  collectives in the compiled module (loop bodies once): {self.collective_bytes / GiB:.2f} GiB"]
         return out
 

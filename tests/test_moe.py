@@ -89,3 +89,25 @@ def test_skewed_routing_is_dropless_under_expert_parallelism(tiny_config, layout
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=1e-4)
     load = np.asarray(stats["expert_load"])
     assert load[:4].tolist() == [256.0] * 4 and load[4:].sum() == 0
+
+
+def test_expert_ffn_gradients_agree_across_impls(tiny_config):
+    """ragged (custom VJP, groups padded only backward), blocks (custom VJP) and gather: same gradients."""
+    from k2jax.layers.grouped import expert_ffn
+
+    c = tiny_config
+    rng = np.random.default_rng(3)
+    e, d, f = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
+    x = jnp.asarray(rng.normal(size=(40, d)), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.choice(e, c.num_experts_per_tok, replace=False) for _ in range(40)]), jnp.int32)
+    w = jnp.asarray(rng.random((40, c.num_experts_per_tok)), jnp.float32)
+    ws = [jnp.asarray(rng.normal(size=s) / 8, jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
+
+    def grads(impl):
+        loss = lambda x, wg, wu, wd: (expert_ffn(x, idx, w, wg, wu, wd, impl=impl, block_size=8) ** 2).sum()  # noqa
+        return jax.grad(loss, (0, 1, 2, 3))(x, *ws)
+
+    ref = grads("gather")
+    for impl in ("ragged", "blocks"):
+        for a, b in zip(grads(impl), ref):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()), err_msg=impl)

@@ -54,10 +54,47 @@ def block_size_for(rows: int, n_groups: int, requested: int = 0) -> int:
     return int(min(512, max(8, 2 ** int(math.log2(target)))))
 
 
-def _swiglu_rows(x_md, wg, wu, wd, gs, dtype):
+def _swiglu_rows_plain(x_md, wg, wu, wd, gs):
+    dtype = x_md.dtype
     g = jax.lax.ragged_dot(x_md, wg, gs, preferred_element_type=dtype)
     u = jax.lax.ragged_dot(x_md, wu, gs, preferred_element_type=dtype)
     return jax.lax.ragged_dot((jax.nn.silu(g) * u).astype(dtype), wd, gs, preferred_element_type=dtype)
+
+
+def _pad_groups(wg, wu, wd, gs):
+    """Empty groups up to a power of two: libtpu 0.0.42 miscompiles the backward ragged_dot for group counts
+    such as 384 or 48 (empty groups cost no FLOPs, only a transient zero-padded copy of the weights)."""
+    pad = (1 << max(wg.shape[0] - 1, 0).bit_length()) - wg.shape[0]
+    if not pad:
+        return wg, wu, wd, gs
+    wg, wu, wd = (jnp.pad(w, ((0, pad), (0, 0), (0, 0))) for w in (wg, wu, wd))
+    return wg, wu, wd, jnp.pad(gs, (0, pad))
+
+
+@jax.custom_vjp
+def _swiglu_rows(x_md, wg, wu, wd, gs):
+    """Grouped SwiGLU of rows sorted by group; only the backward pass pads the groups (forward and decode
+    never copy the weights)."""
+    return _swiglu_rows_plain(x_md, wg, wu, wd, gs)
+
+
+def _swiglu_rows_fwd(x_md, wg, wu, wd, gs):
+    return _swiglu_rows_plain(x_md, wg, wu, wd, gs), (x_md, wg, wu, wd, gs)
+
+
+def _swiglu_rows_bwd(res, dy):
+    x_md, wg, wu, wd, gs = res
+    n = wg.shape[0]
+
+    def padded(x, wg, wu, wd):
+        return _swiglu_rows_plain(x, *_pad_groups(wg, wu, wd, gs)[:3], _pad_groups(wg, wu, wd, gs)[3])
+
+    _, vjp = jax.vjp(padded, x_md, wg, wu, wd)
+    dx, dwg, dwu, dwd = vjp(dy)
+    return dx, dwg[:n], dwu[:n], dwd[:n], None
+
+
+_swiglu_rows.defvjp(_swiglu_rows_fwd, _swiglu_rows_bwd)
 
 
 def _scan_blocks(fn, n_used, xs, init_carry=None, unroll=1):
@@ -144,12 +181,7 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
     x_md = x_td[token]
     m = order.shape[0]
     if impl == "ragged":
-        pad = (1 << max(n_exp - 1, 0).bit_length()) - n_exp
-        if pad:  # libtpu 0.0.42 miscompiles the backward ragged_dot for group counts such as 384 or 48; empty
-            # groups cost no FLOPs, only a transient zero-padded copy of the weights
-            wg_edf, wu_edf, wd_efd = (jnp.pad(w, ((0, pad), (0, 0), (0, 0))) for w in (wg_edf, wu_edf, wd_efd))
-            group_sizes = jnp.pad(group_sizes, (0, pad))
-        y_md = _swiglu_rows(x_md, wg_edf, wu_edf, wd_efd, group_sizes, dtype)
+        y_md = _swiglu_rows(x_md.astype(dtype), wg_edf, wu_edf, wd_efd, group_sizes)
     else:
         b = block_size_for(m, n_exp, block_size)
         n_blocks = -(-m // b) + min(n_exp, m)
