@@ -10,7 +10,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from k2jax.config import K2Config
 from k2jax.sharding import ShardingError, make_mesh

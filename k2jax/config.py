@@ -75,8 +75,8 @@ class K2Config:
     moe_block_size: int = 0  # rows per block of the CPU grouped matmul; 0 picks one from the token count
     moe_capacity_factor: float = 0.0  # >0: expert-parallel row buffers hold this x the balanced load (not dropless)
     moe_block_unroll: int = 1  # unroll of the loop over blocks; 0 unrolls fully (so cost_analysis counts every block)
-    attn_chunk: int = 0  # >0: training attention runs over query chunks of this length (memory ~chunk x seq, causal
-    # key blocks past each chunk skipped); 0 = one [seq, seq] score matrix per head
+    attn_chunk: int = 0  # >0: attention over query chunks of this length (memory ~chunk x seq, causal key blocks
+    # past each chunk skipped) for sequences it divides; 0 (or a length it does not divide) = one [seq, seq] matrix
 
     # ------------------------------------------------------------------ derived
     @property

@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 
-import jax
 import ml_dtypes
 import numpy as np
 import tensorstore as ts

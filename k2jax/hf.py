@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
 from k2jax.config import K2Config
 from k2jax.layers.common import dtype_of
@@ -194,25 +193,20 @@ class HFSource:
 
     def unit(self, m: "TensorMap", name: str, dtype) -> np.ndarray:
         """One HF tensor as the destination unit (dequantised, transposed, reshaped) in `dtype`."""
-        w = self.folder.get(name)
-        scale = None
-        if w.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
-            scale = self.folder.get(name + "_scale_inv")
-            _check_scale(w, scale, name)
-        with jax.default_device(jax.local_devices(backend="cpu")[0]):
-            return np.asarray(_to_unit(w, scale, unit_shape=tuple(m.unit_shape),
-                                       transpose=m.transposed and w.ndim == 2, dtype=np.dtype(dtype)))
+        return self.piece(m, name, None, m.unit_shape, dtype)
 
-    def piece(self, m: "TensorMap", name: str, rows: tuple[int, int], shape: tuple[int, ...], dtype) -> np.ndarray:
-        """Source rows [r0, r1) of one HF tensor as their block of the destination unit, of `shape`.
-
-        For FP8 tensors r0 must be a multiple of the 128-row scale block."""
+    def piece(self, m: "TensorMap", name: str, rows: tuple[int, int] | None, shape: tuple[int, ...],
+              dtype) -> np.ndarray:
+        """Source rows [r0, r1) of one HF tensor (all of it when rows is None) as their block of the
+        destination unit, of `shape`. For FP8 tensors r0 must be a multiple of the 128-row scale block."""
         w = self.folder.get(name, rows)
         scale = None
         if w.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
-            if rows[0] % FP8_BLOCK:
+            r0, r1 = rows or (0, w.shape[0])
+            if r0 % FP8_BLOCK:
                 raise ValueError(f"{name}: row strip {rows} does not start on a {FP8_BLOCK}-row scale block")
-            scale = self.folder.get(name + "_scale_inv", (rows[0] // FP8_BLOCK, -(-rows[1] // FP8_BLOCK)))
+            scale = self.folder.get(name + "_scale_inv", (r0 // FP8_BLOCK, -(-r1 // FP8_BLOCK)))
+            _check_scale(w, scale, name)
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
             return np.asarray(_to_unit(w, scale, unit_shape=tuple(shape), transpose=m.transposed and w.ndim == 2,
                                        dtype=np.dtype(dtype)))

@@ -95,7 +95,6 @@ def test_device_loop_equals_streamed_loop(model, prompts):
 def test_low_precision_caches(model, prompts):
     ref = model.generate(prompts, max_new_tokens=8, stop=[])
     for dtype in ("bfloat16", "int8"):
-        sampler = model.sampler(dtype)
         out = model.generate(prompts, max_new_tokens=8, stop=[], cache_dtype=dtype)
         agree = np.mean([a == b for r, o in zip(ref, out) for a, b in zip(r, o)])
         assert agree >= 0.6, (dtype, agree)

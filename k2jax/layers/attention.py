@@ -67,37 +67,39 @@ class MLAttention(nnx.Module):
 
     def attend_expanded(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask):
         """Attention with keys/values expanded per head from the latent; returns (out [b,t,d], scores [b,h,t,s])."""
+        k_nope, v_bshv = self._expand_kv(latent_bsc)
+        scores, probs = self._softmax(q_nope, q_rope, k_nope, k_rope_bsr, mask)
+        out_bthv = jnp.einsum("bhts,bshv->bthv", probs, v_bshv)
+        return jnp.einsum("bthv,hvd->btd", out_bthv, self.o[...].astype(self.dtype)), scores
+
+    def _expand_kv(self, latent_bsc):
+        """Per-head keys k_nope [b,s,h,n] and values v [b,s,h,v] from the normalised latent."""
         c, dt = self.config, self.dtype
         kv_bshk = jnp.einsum("bsc,chk->bshk", latent_bsc.astype(dt), self.kv_b[...].astype(dt))
         kv_bshk = constrain(kv_bshk, self.rules, ("batch", "act_seq", "act_heads", None))
-        k_nope, v_bshv = kv_bshk[..., : c.qk_nope_head_dim], kv_bshk[..., c.qk_nope_head_dim:]
+        return kv_bshk[..., : c.qk_nope_head_dim], kv_bshk[..., c.qk_nope_head_dim:]
+
+    def _softmax(self, q_nope, q_rope, k_nope, k_rope_bsr, mask):
+        """(scaled float32 scores [b,h,t,s], masked softmax probabilities in the compute dtype)."""
+        c, dt = self.config, self.dtype
         scores = jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
         scores += jnp.einsum("bthr,bsr->bhts", q_rope, k_rope_bsr.astype(dt), preferred_element_type=jnp.float32)
         scores *= c.softmax_scale
-        probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(dt)
-        out_bthv = jnp.einsum("bhts,bshv->bthv", probs, v_bshv)
-        return jnp.einsum("bthv,hvd->btd", out_bthv, self.o[...].astype(dt)), scores
+        return scores, jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(dt)
 
     def attend_chunked(self, q_nope, q_rope, latent_btc, k_rope_btr, segment_ids_bt, chunk: int):
         """Causal attention one query chunk at a time, each against only the keys up to its end, rematerialised
         in the backward pass: scores are [b, h, chunk, <= t] instead of [b, h, t, t]. Returns (out [b,t,d], max
         pre-softmax logit per head [h])."""
-        c, dt = self.config, self.dtype
-        kv_bshk = jnp.einsum("bsc,chk->bshk", latent_btc.astype(dt), self.kv_b[...].astype(dt))
-        kv_bshk = constrain(kv_bshk, self.rules, ("batch", "act_seq", "act_heads", None))
-        k_nope, v_bshv = kv_bshk[..., : c.qk_nope_head_dim], kv_bshk[..., c.qk_nope_head_dim:]
+        k_nope, v_bshv = self._expand_kv(latent_btc)
         b, t = q_nope.shape[:2]
         seg = jnp.ones((b, t), jnp.int32) if segment_ids_bt is None else segment_ids_bt
 
         @jax.checkpoint
         def one(qn, qr, kn, kr, v, seg_q, seg_k, q0):
-            s = kn.shape[1]
-            scores = jnp.einsum("bthn,bshn->bhts", qn, kn, preferred_element_type=jnp.float32)
-            scores += jnp.einsum("bthr,bsr->bhts", qr, kr.astype(dt), preferred_element_type=jnp.float32)
-            scores *= c.softmax_scale
-            causal = (q0 + jnp.arange(qn.shape[1]))[:, None] >= jnp.arange(s)[None, :]
+            causal = (q0 + jnp.arange(qn.shape[1]))[:, None] >= jnp.arange(kn.shape[1])[None, :]
             mask = causal[None, None] & (seg_q[:, None, :, None] == seg_k[:, None, None, :])
-            probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(dt)
+            scores, probs = self._softmax(qn, qr, kn, kr, mask)
             real = mask & (seg_q != 0)[:, None, :, None]
             return (jnp.einsum("bhts,bshv->bthv", probs, v),
                     jnp.max(jnp.where(real, scores, -jnp.inf), axis=(0, 2, 3)))
@@ -111,7 +113,7 @@ class MLAttention(nnx.Module):
             maxes.append(m)
         out_bthv = jnp.concatenate(outs, axis=1)
         max_logit_h = jax.lax.stop_gradient(jnp.max(jnp.stack(maxes), axis=0))
-        return jnp.einsum("bthv,hvd->btd", out_bthv, self.o[...].astype(dt)), max_logit_h
+        return jnp.einsum("bthv,hvd->btd", out_bthv, self.o[...].astype(self.dtype)), max_logit_h
 
     def attend_absorbed(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask):
         """Attention in the latent space (decode): W_kvb's key half absorbed into q, its value half applied after.

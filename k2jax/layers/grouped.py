@@ -87,7 +87,7 @@ def _swiglu_rows_bwd(res, dy):
     n = wg.shape[0]
 
     def padded(x, wg, wu, wd):
-        return _swiglu_rows_plain(x, *_pad_groups(wg, wu, wd, gs)[:3], _pad_groups(wg, wu, wd, gs)[3])
+        return _swiglu_rows_plain(x, *_pad_groups(wg, wu, wd, gs))
 
     _, vjp = jax.vjp(padded, x_md, wg, wu, wd)
     dx, dwg, dwu, dwd = vjp(dy)

@@ -7,7 +7,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from k2jax.layers.common import MLP, RouterBias, dtype_of, param
 from k2jax.layers.grouped import expert_ffn
