@@ -1,7 +1,7 @@
 """Decode tokens/s of configs/small.py at batch 1 and 8: k2jax vs transformers generate (same weights), and
 the bytes of weights + cache read per token over the host's memory bandwidth (a large numpy copy).
 
-    python benchmarks/decode.py [--new 32 --prompt 64]
+    python benchmarks/decode.py [--new 32 --prompt 64 --batches 1,8 --set moe_impl=blocks]
 """
 
 import argparse
@@ -20,16 +20,20 @@ def main():
     p.add_argument("--config", default="small")
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--set", action="append", default=[], help="config override key=value, e.g. moe_impl=blocks")
     args = p.parse_args()
     import torch
 
     import k2jax
     from conftest import build_hf_model
+    from k2jax.config import override
 
     config = k2jax.load_config(args.config)
     with tempfile.TemporaryDirectory() as d:
         torch_model = build_hf_model(config, d)
-        model = k2jax.load_hf(d)
+        sets = dict(kv.split("=", 1) for kv in args.set)
+        model = k2jax.load_hf(d, **{k: getattr(override(config, sets), k) for k in sets})
     a, b = np.ones(256 * 2**20 // 8), np.zeros(256 * 2**20 // 8)
     np.copyto(b, a)  # pages touched before timing
     t0 = time.perf_counter()
@@ -39,7 +43,7 @@ def main():
     del a, b
     total, active = k2jax.param_count(config)
     rng = np.random.default_rng(0)
-    for batch in (1, 8):
+    for batch in map(int, args.batches.split(",")):
         prompts = [rng.integers(0, config.vocab_size - 300, args.prompt).tolist() for _ in range(batch)]
         model.generate(prompts, max_new_tokens=args.new, stop=[])  # compile
         t0 = time.perf_counter()

@@ -116,7 +116,7 @@ def _make(path, template, layers, experts, unit_shape):
         hf_shape = (math.prod(unit_shape) // rows, rows)
     if path[-1] in ("o",):  # o: [heads, v, d] = [in..., out]: HF [d, heads*v]
         hf_shape = (unit_shape[-1], math.prod(unit_shape[:-1]))
-    if path == ("embed",):  # the embedding table is [vocab, d] on both sides
+    if path in (("embed",), ("lm_head",)):  # the embedding table and lm_head are [vocab, d] on both sides
         return TensorMap(path, template, layers, experts, tuple(unit_shape), tuple(unit_shape), transposed=False)
     return TensorMap(path, template, layers, experts, tuple(unit_shape), hf_shape)
 

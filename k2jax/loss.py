@@ -14,24 +14,24 @@ def vocab_chunk(vocab: int, target: int = 8192) -> int:
     return vocab
 
 
-def chunked_cross_entropy(h_nd: jax.Array, kernel_dv: jax.Array, targets_n: jax.Array, mask_n: jax.Array,
+def chunked_cross_entropy(h_nd: jax.Array, kernel_vd: jax.Array, targets_n: jax.Array, mask_n: jax.Array,
                           *, dtype=jnp.float32, chunk: int = 8192):
-    """(sum of masked token losses, sum of masked logsumexp², max |logit|) for hidden states [n, d].
+    """(sum of masked token losses, sum of masked logsumexp², max |logit|) for hidden states [n, d], lm_head [v, d].
 
     Logits are made one vocabulary chunk at a time (a scan whose body is rematerialised in the backward
     pass), so [n, vocab] is never held at once; everything is accumulated in float32. A chunk of the whole
     vocabulary (chunk >= vocab) keeps its logits for the backward pass instead of recomputing them.
     """
     n, d = h_nd.shape
-    v = kernel_dv.shape[1]
+    v = kernel_vd.shape[0]
     c = vocab_chunk(v, chunk)
-    k_cdv = kernel_dv.reshape(d, v // c, c).transpose(1, 0, 2)
+    k_cvd = kernel_vd.reshape(v // c, c, d)
     h = h_nd.astype(dtype)
 
     def body(carry, inp):
         m, s, tgt, mx = carry
-        i, k_dv = inp
-        logits = jnp.einsum("nd,dv->nv", h, k_dv.astype(dtype), preferred_element_type=jnp.float32)
+        i, k_vd = inp
+        logits = jnp.einsum("nd,vd->nv", h, k_vd.astype(dtype), preferred_element_type=jnp.float32)
         new_m = jnp.maximum(m, logits.max(-1))
         s = s * jnp.exp(m - new_m) + jnp.exp(logits - new_m[:, None]).sum(-1)
         local = targets_n - i * c
@@ -44,7 +44,7 @@ def chunked_cross_entropy(h_nd: jax.Array, kernel_dv: jax.Array, targets_n: jax.
         body = jax.checkpoint(body)
     init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32),
             jnp.zeros((), jnp.float32))
-    (m, s, tgt, mx), _ = jax.lax.scan(body, init, (jnp.arange(v // c), k_cdv))
+    (m, s, tgt, mx), _ = jax.lax.scan(body, init, (jnp.arange(v // c), k_cvd))
     lse = m + jnp.log(s)
     mask = mask_n.astype(jnp.float32)
     return ((lse - tgt) * mask).sum(), (jnp.square(lse) * mask).sum(), jax.lax.stop_gradient(mx)

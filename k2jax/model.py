@@ -69,7 +69,7 @@ class Transformer(nnx.Module):
         self.dense_layers = _stack(c, rules, False, c.num_dense_layers, rngs) if c.num_dense_layers else None
         self.moe_layers = _stack(c, rules, True, c.num_moe_layers, rngs) if c.num_moe_layers else None
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, pd, rngs=rngs)
-        self.lm_head = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), pd, std=std)
+        self.lm_head = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), pd, std=std)  # HF layout [v, d]
         self.config, self.rules = c, rules
 
     def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
@@ -113,7 +113,7 @@ class Transformer(nnx.Module):
     def logits_from_hidden(self, h_btd):
         """lm_head projection of hidden states [..., d] -> float32 logits [..., vocab]."""
         dt = dtype_of(self.config.dtype)
-        logits = jnp.einsum("...d,dv->...v", h_btd.astype(dt), self.lm_head[...].astype(dt),
+        logits = jnp.einsum("...d,vd->...v", h_btd.astype(dt), self.lm_head[...].astype(dt),
                             preferred_element_type=jnp.float32)
         if logits.ndim == 3:
             logits = constrain(logits, self.rules, ("batch", "act_seq", "act_vocab"))

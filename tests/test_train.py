@@ -222,9 +222,9 @@ def test_chunked_cross_entropy_matches_float64():
 
     rng = np.random.default_rng(0)
     n, d, v = 48, 16, 1024
-    h, w = rng.normal(size=(n, d)), rng.normal(size=(d, v)) / 4
+    h, w = rng.normal(size=(n, d)), rng.normal(size=(v, d)) / 4
     tgt, mask = rng.integers(0, v, n), rng.random(n) > 0.2
-    logits = h @ w
+    logits = h @ w.T
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     p = np.exp(logits - lse[:, None])
     want = ((lse - logits[np.arange(n), tgt]) * mask).sum()
@@ -233,5 +233,5 @@ def test_chunked_cross_entropy_matches_float64():
         f = jax.jit(jax.value_and_grad(lambda h, w: chunked_cross_entropy(h, w, tgt, mask, chunk=chunk)[0], (0, 1)))
         loss, (dh, dw) = f(jnp.asarray(h, jnp.float32), jnp.asarray(w, jnp.float32))
         np.testing.assert_allclose(loss, want, rtol=1e-5)
-        np.testing.assert_allclose(dh, dlogits @ w.T, atol=1e-5)
-        np.testing.assert_allclose(dw, h.T @ dlogits, atol=1e-5)
+        np.testing.assert_allclose(dh, dlogits @ w, atol=1e-5)
+        np.testing.assert_allclose(dw, dlogits.T @ h, atol=1e-5)

@@ -23,9 +23,17 @@ def config_from_flags(config: str, sets: list[str] | None) -> K2Config:
     return load_config(config, **parse_sets(sets))
 
 
-def run_main(main):
-    """absl app.run(main), turning k2jax's input errors into one clear line and exit status 2."""
+def run_main(main, *, host_malloc: bool = False):
+    """absl app.run(main), turning k2jax's input errors into one clear line and exit status 2.
+
+    host_malloc: on a CPU host, first re-execute with k2jax.runtime.HOST_MALLOC_ENV (for commands that run
+    XLA executions step after step; K2JAX_HOST_MALLOC=0 keeps the current malloc settings)."""
     from absl import app
+
+    from k2jax.runtime import reexec_with_host_malloc
+
+    if host_malloc:
+        reexec_with_host_malloc()
 
     from k2jax.config import ConfigError
     from k2jax.safetensors_io import CheckpointError

@@ -96,7 +96,7 @@ def main(argv):
 
 
 def run():
-    run_main(main)
+    run_main(main, host_malloc=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""The CPU host malloc settings: when the entry points re-exec with them, and that the re-exec takes effect."""
+
+import os
+import subprocess
+import sys
+
+from k2jax.runtime import HOST_MALLOC_ENV, OPT_OUT, host_malloc_env
+
+
+def test_host_malloc_env_decisions():
+    base = {"PATH": "/bin"}
+    env = host_malloc_env(base, accelerator=False, libc="glibc")
+    assert env == {**base, **HOST_MALLOC_ENV}
+    assert host_malloc_env(env, accelerator=False, libc="glibc") is None  # already set: no second re-exec
+    assert host_malloc_env({**base, OPT_OUT: "0"}, accelerator=False, libc="glibc") is None
+    assert host_malloc_env({**base, "MALLOC_ARENA_MAX": "4"}, accelerator=False, libc="glibc") is None
+    assert host_malloc_env(base, accelerator=False, libc="musl") is None
+    assert host_malloc_env(base, accelerator=True, libc="glibc") is None
+    assert host_malloc_env({**base, "JAX_PLATFORMS": "cpu"}, accelerator=True, libc="glibc") is not None
+
+
+def test_reexec_keeps_argv_and_sets_the_environment():
+    code = ("import sys, os; from k2jax.runtime import reexec_with_host_malloc; reexec_with_host_malloc(); "
+            "print(os.environ.get('MALLOC_ARENA_MAX'), os.environ.get('MALLOC_MMAP_MAX_'), sys.argv[1:])")
+    env = {k: v for k, v in os.environ.items() if k not in HOST_MALLOC_ENV and k != OPT_OUT}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", code, "a", "--b=1"], env=env, capture_output=True, text=True,
+                         check=True).stdout.split("\n")[0]
+    assert out == "1 0 ['a', '--b=1']", out
+    env[OPT_OUT] = "0"
+    out = subprocess.run([sys.executable, "-c", code, "x"], env=env, capture_output=True, text=True,
+                         check=True).stdout.split("\n")[0]
+    assert out == "None None ['x']", out
