@@ -26,7 +26,7 @@ def resolve_impl(impl: str, rows: int = 0, n_groups: int = 0) -> str:
 
     'ragged' stays available but is not the default for training: the TPU compiler (libtpu 0.0.42) costs the
     weight gradient of ragged_dot as a dense product over every group (4.97x the ideal MoE FLOPs forward +
-    backward on the tiny preset with 16 experts, against 1.21x for 'blocks'; benchmarks/README.md).
+    backward on the tiny preset with 16 experts, against 1.21x for 'blocks'; docs/scale.md).
     """
     if impl != "auto":
         return impl
