@@ -33,7 +33,8 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         torch_model = build_hf_model(config, d)
         sets = dict(kv.split("=", 1) for kv in args.set)
-        model = k2jax.load_hf(d, **{k: getattr(override(config, sets), k) for k in sets})
+        typed = override(config, sets)
+        model = k2jax.load_hf(d, **{k: getattr(typed, k) for k in sets})
     a, b = np.ones(256 * 2**20 // 8), np.zeros(256 * 2**20 // 8)
     np.copyto(b, a)  # pages touched before timing
     t0 = time.perf_counter()
