@@ -137,6 +137,7 @@ class Report:
     tokens: int
     compile_s: float
     collective_bytes: int
+    optimizer_flops: float = 0.0  # of `flops`: the optimizer update (MuonClip's Newton-Schulz), once per step
 
     @property
     def total_bytes(self) -> int:
@@ -159,6 +160,10 @@ class Report:
                f"  total {gib(self.total_bytes)} of {gib(self.hbm_bytes)} -> {verdict}",
                f"  compiled FLOPs/step {self.flops:.4e}; analytic {self.analytic_flops:.4e}; ratio "
                f"{self.flops / max(self.analytic_flops, 1):.3f}",
+               *([f"    of which the optimizer update {self.optimizer_flops:.4e} "
+                  f"({self.optimizer_flops / max(self.flops, 1):.1%}); ratio without it "
+                  f"{(self.flops - self.optimizer_flops) / max(self.analytic_flops, 1):.3f}"]
+                 if self.optimizer_flops else []),
                f"  XLA-estimated step time {self.seconds:.3f}s -> MFU {self.mfu(peak):.1%}, "
                f"{self.tokens / max(self.seconds, 1e-12):,.1f} tokens/s for the slice "
                f"({self.tokens / max(self.seconds, 1e-12) / self.chips:,.2f} per chip)",
@@ -191,6 +196,27 @@ def _compile_train(config: K2Config, mesh, batch: int, seq: int, microbatches: i
     return compiled, time.perf_counter() - t0
 
 
+def _optimizer_cost(config: K2Config, mesh, chip: Chip) -> tuple[float, float]:
+    """(per-chip FLOPs, seconds) of the optimizer update alone (gradients in, new params and state out)."""
+    import optax
+
+    from k2jax.optim import OptimConfig
+    from k2jax.train import Trainer
+
+    trainer = Trainer(config, OptimConfig(), mesh)
+    state = trainer.abstract_state()
+
+    def update(params, opt_state, grads):
+        updates, opt_state = trainer.tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    shardings = (trainer.param_shardings, trainer.opt_shardings)
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(update, in_shardings=shardings + (trainer.param_shardings,),
+                           out_shardings=shardings).lower(state.params, state.opt_state, state.params).compile()
+    return _cost(compiled, chip)
+
+
 def _cost(compiled, chip: Chip) -> tuple[float, float]:
     """(per-chip FLOPs, seconds) of a compiled step: XLA's optimal_seconds when it gives one, else the
     roofline max(FLOPs / peak, bytes accessed / HBM bandwidth)."""
@@ -204,7 +230,7 @@ def _cost(compiled, chip: Chip) -> tuple[float, float]:
 
 
 def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int, seq: int,
-                  microbatches: int = 1) -> Report:
+                  microbatches: int = 1, progress=None) -> Report:
     """AOT-compiles the real train step; FLOPs and time come from 2- and 3-layer unrolled builds, extrapolated
     to the full depth (XLA counts a scanned loop body once)."""
     from k2jax.train import analytic_train_flops
@@ -216,24 +242,31 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
     compiled, secs = _compile_train(config, mesh, batch, seq, microbatches)
     mem = compiled.memory_analysis()
     over = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    if progress is not None:
+        progress(f"full-depth step compiled in {secs:.1f}s: {over / GiB:.2f} GiB per chip of {chip.hbm_bytes / GiB:.2f}"
+                 + ("" if over > chip.hbm_bytes else "; counting FLOPs with 2- and 3-layer unrolled builds"))
     if over > chip.hbm_bytes:  # the verdict is known: skip the FLOPs builds
         return Report(topology, dict(mesh.shape), "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
                       mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, float("nan"),
                       analytic_train_flops(config, batch * seq, seq), float("nan"), batch * seq, secs, 0)
-    per_layers = {}
+    per_layers, opt_per_layers = {}, {}
     for n in (2, 3):
         small = config.replace(num_hidden_layers=n, first_k_dense_replace=min(config.first_k_dense_replace, 1),
                                scan_layers=False, moe_block_unroll=0)  # every loop unrolled, so every body counts
         c, _ = _compile_train(small, mesh, batch // microbatches, seq, 1)
         per_layers[n] = _cost(c, chip)
+        opt_per_layers[n] = _optimizer_cost(small, mesh, chip)
     (f2, s2), (f3, s3) = per_layers[2], per_layers[3]
+    (of2, os2), (of3, os3) = opt_per_layers[2], opt_per_layers[3]
     extra = config.num_hidden_layers - 3
-    flops = microbatches * (f3 + extra * (f3 - f2))
-    seconds = microbatches * (s3 + extra * (s3 - s2))
+    opt, opt_s = of3 + extra * (of3 - of2), os3 + extra * (os3 - os2)
+    # the unrolled builds hold one microbatch and one optimizer update each; the step has one update in all
+    flops = microbatches * (f3 + extra * (f3 - f2)) - (microbatches - 1) * opt
+    seconds = microbatches * (s3 + extra * (s3 - s2)) - (microbatches - 1) * opt_s
     return Report(topology, dict(mesh.shape), "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
                   mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, flops * len(devices),
                   analytic_train_flops(config, batch * seq, seq), seconds, batch * seq, secs,
-                  collective_bytes(compiled.as_text()))
+                  collective_bytes(compiled.as_text()), opt * len(devices))
 
 
 def compile_decode(config: K2Config, topology: str, mesh_spec: str, *, batch: int, context: int,

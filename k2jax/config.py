@@ -9,7 +9,7 @@ import math
 import os
 from typing import Any, Mapping
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe", "save_moe_attn")
 MOE_IMPLS = ("auto", "blocks", "ragged", "gather")
 DTYPES = ("float32", "bfloat16")
 

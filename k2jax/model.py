@@ -17,6 +17,13 @@ _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # the feed-forward hidden activations (routed experts' rows, shared/dense MLP) and the MoE input are kept:
+    # the backward pass recomputes attention and routing but no expert matmul
+    "save_moe": jax.checkpoint_policies.save_only_these_names("moe_in", "moe_hidden", "mlp_hidden"),
+    # and every attention projection's output (low-rank q and kv, per-head q, k/v, attention output): the
+    # backward recomputes norms, routing and, inside each attention chunk's own remat, its scores
+    "save_moe_attn": jax.checkpoint_policies.save_only_these_names(
+        "moe_in", "moe_hidden", "mlp_hidden", "attn_lora", "attn_q", "attn_kv", "attn_out"),
 }
 
 

@@ -31,18 +31,29 @@ DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
     "embed": ("fsdp",),
     "q_lora": (),
     "kv_lora": (),
+    "q_lora_in": (),  # the input dim of q_b and kv_b (their other dims are heads)
+    "kv_lora_in": (),
     "heads": ("tensor",),
     "head_dim": (),
     "mlp": ("tensor",),
     "experts": ("expert",),
+    "expert_embed": ("fsdp",),  # the hidden-size dim of expert weights (whose `experts` dim holds `expert`)
     "expert_mlp": ("tensor",),
     "router_experts": (),
     "norm": (),
 }
 
+# Training's changes to the table: the dense weights (attention, dense/shared MLP, embedding, lm_head) are also
+# split over `expert`, whose shards hold different tokens, so the whole batch group shares their parameters and
+# optimizer state (ZeRO-3) instead of each `expert` shard keeping a copy. Decoding keeps the table as it is (no
+# per-step weight gathers on the serving mesh).
+TRAINING_RULES: Mapping[str, tuple[str, ...]] = {"embed": ("fsdp", "expert"), "q_lora_in": ("fsdp", "expert"),
+                                                  "kv_lora_in": ("fsdp", "expert")}
+
 # Logical axes whose size must be divisible by its mesh axes, with the config field that sets it.
 _FIELD_OF_AXIS = {"heads": "num_attention_heads", "experts": "n_routed_experts", "mlp": "intermediate_size",
-                  "expert_mlp": "moe_intermediate_size", "vocab": "vocab_size", "embed": "hidden_size"}
+                  "expert_mlp": "moe_intermediate_size", "vocab": "vocab_size", "embed": "hidden_size",
+                  "expert_embed": "hidden_size", "q_lora_in": "q_lora_rank", "kv_lora_in": "kv_lora_rank"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +89,10 @@ class ShardingRules:
                 axes.append(ax)
             out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
         return P(*out)
+
+    def for_training(self) -> "ShardingRules":
+        """This table with TRAINING_RULES applied (what the Trainer uses unless given rules)."""
+        return ShardingRules({**self.rules, **TRAINING_RULES})
 
     def sharding(self, names: Sequence[str | None], mesh: Mesh) -> NamedSharding:
         return NamedSharding(mesh, self.spec(names, mesh))

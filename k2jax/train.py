@@ -17,7 +17,7 @@ from k2jax.init import abstract_model, init_model, state_shardings
 from k2jax.layers.common import RouterBias
 from k2jax.loss import chunked_cross_entropy, next_token_targets
 from k2jax.optim import OptimConfig, make_optimizer, qk_clip
-from k2jax.sharding import ShardingRules
+from k2jax.sharding import ShardingRules, check_divisible
 
 
 @jax.tree_util.register_dataclass
@@ -45,7 +45,9 @@ class Trainer:
     def __init__(self, config: K2Config, optim: OptimConfig, mesh: Mesh, rules: ShardingRules | None = None,
                  loss: LossConfig = LossConfig(), microbatches: int = 1):
         self.config, self.optim, self.mesh = config, optim, mesh
-        self.rules = rules or ShardingRules()
+        self.rules = rules or ShardingRules().for_training()
+        self.rules.check()
+        check_divisible(config, mesh, self.rules)
         self.loss_cfg, self.microbatches = loss, microbatches
         graphdef, abstract = abstract_model(config, self.rules)
         self.graphdef, abs_params, abs_bias = nnx.split(nnx.merge(graphdef, abstract), nnx.Param, RouterBias)

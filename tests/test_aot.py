@@ -51,6 +51,8 @@ def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes():
                                   - mem.alias_size_in_bytes)
     body_flops, _ = aot._cost(compiled, aot.CHIPS["v5p"])
     assert report.flops > body_flops * report.chips > 0  # loop bodies scaled by their trip counts
+    assert 0 < report.optimizer_flops < report.flops  # MuonClip's Newton-Schulz, reported on its own line
+    assert "of which the optimizer update" in "\n".join(report.lines(aot.CHIPS["v5p"].peak_flops))
     assert report.seconds > 0
     dec = aot.compile_decode(config, "v5p-8", "expert=2,tensor=2", batch=4, context=256)
     assert dec.fits and dec.total_bytes > 0 and dec.flops > 0

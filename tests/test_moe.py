@@ -92,7 +92,8 @@ def test_skewed_routing_is_dropless_under_expert_parallelism(tiny_config, layout
 
 
 def test_expert_ffn_gradients_agree_across_impls(tiny_config):
-    """ragged (custom VJP, groups padded only backward), blocks (custom VJP) and gather: same gradients."""
+    """ragged (custom VJP, groups padded only backward), blocks (custom VJP) and gather: same gradients (inputs,
+    routing weights, expert weights)."""
     from k2jax.layers.grouped import expert_ffn
 
     c = tiny_config
@@ -103,11 +104,35 @@ def test_expert_ffn_gradients_agree_across_impls(tiny_config):
     w = jnp.asarray(rng.random((40, c.num_experts_per_tok)), jnp.float32)
     ws = [jnp.asarray(rng.normal(size=s) / 8, jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
 
-    def grads(impl):
-        loss = lambda x, wg, wu, wd: (expert_ffn(x, idx, w, wg, wu, wd, impl=impl, block_size=8) ** 2).sum()  # noqa
-        return jax.grad(loss, (0, 1, 2, 3))(x, *ws)
+    def grads(impl):  # the routing weights' gradient too (blocks applies them inside its custom VJP)
+        loss = lambda x, w, wg, wu, wd: (expert_ffn(x, idx, w, wg, wu, wd, impl=impl, block_size=8) ** 2).sum()  # noqa
+        return jax.grad(loss, (0, 1, 2, 3, 4))(x, w, *ws)
 
     ref = grads("gather")
     for impl in ("ragged", "blocks"):
         for a, b in zip(grads(impl), ref):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()), err_msg=impl)
+
+
+def test_save_moe_remat_recomputes_no_expert_matmul(tiny_config):
+    """remat_policy='save_moe' keeps the experts' hidden rows: a rematerialised MoE layer's gradient costs what
+    the plain one does (CPU cost analysis, loop over blocks unrolled) and equals it; 'full' recomputes the
+    forward (>= 1.1x here)."""
+    from k2jax.model import _REMAT
+
+    c = tiny_config.replace(moe_impl="blocks", moe_block_size=16, moe_block_unroll=0)
+    graphdef, state = nnx.split(_moe(c))
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 64, c.hidden_size)), jnp.float32)
+
+    def grad_fn(policy):
+        def layer(s, x):
+            return nnx.merge(graphdef, s)(x)[0]
+
+        if policy != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT[policy])
+        return jax.jit(jax.grad(lambda s, x: (layer(s, x) ** 2).sum(), (0, 1)))
+
+    flops = {p: grad_fn(p).lower(state, x).compile().cost_analysis()["flops"] for p in ("none", "save_moe", "full")}
+    assert flops["save_moe"] <= 1.01 * flops["none"] and flops["full"] >= 1.1 * flops["none"], flops
+    for a, b in zip(jax.tree.leaves(grad_fn("save_moe")(state, x)), jax.tree.leaves(grad_fn("none")(state, x))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))

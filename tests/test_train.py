@@ -235,3 +235,25 @@ def test_chunked_cross_entropy_matches_float64():
         np.testing.assert_allclose(loss, want, rtol=1e-5)
         np.testing.assert_allclose(dh, dlogits @ w, atol=1e-5)
         np.testing.assert_allclose(dw, dlogits.T @ h, atol=1e-5)
+
+
+def test_training_splits_dense_weights_and_their_state_over_the_whole_batch_group(tiny_config):
+    """ZeRO-3 over fsdp x expert: every dense weight (and its optimizer state) is split 8 ways on fsdp=2,expert=4,
+    expert weights over expert x fsdp; decoding's table keeps dense weights off `expert`. A hidden size the
+    group does not divide is refused by name."""
+    from k2jax.sharding import ShardingError, ShardingRules
+
+    trainer = _trainer(tiny_config, "fsdp=2,expert=4")
+    state = trainer.abstract_state()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+        name = jax.tree_util.keystr(path)
+        shards = np.prod(leaf.shape) // np.prod(leaf.sharding.shard_shape(leaf.shape))
+        if "norm" not in name and "router_bias" not in name:  # 1-D scales and biases stay whole
+            assert shards == 8, (name, leaf.sharding.spec)
+    momentum = state.opt_state[1].inner_states["muon"].inner_state[0].momentum
+    o = momentum["moe_layers"]["attn"]["o"].get_value()
+    assert o.sharding.spec == state.params["moe_layers"]["attn"]["o"].get_value().sharding.spec
+    decode_o = ShardingRules().spec(("heads", "head_dim", "embed"), trainer.mesh)
+    assert "expert" not in jax.tree.leaves(tuple(decode_o))
+    with pytest.raises(ShardingError, match="'hidden_size' = 100 .* divisible by 8"):
+        _trainer(tiny_config.replace(hidden_size=100), "fsdp=2,expert=4")

@@ -39,7 +39,8 @@ def main(argv):
         aot.check_mesh(mesh, chips)
         if FLAGS.mode == "train":
             return aot.compile_train(cfg, FLAGS.topology, mesh, batch=FLAGS.batch or chips, seq=FLAGS.seq,
-                                     microbatches=FLAGS.microbatches)
+                                     microbatches=FLAGS.microbatches,
+                                     progress=lambda line: print(f"  ({line})", file=sys.stderr, flush=True))
         return aot.compile_decode(cfg, FLAGS.topology, mesh, batch=FLAGS.batch or 1, context=FLAGS.context,
                                   cache_dtype=FLAGS.cache_dtype)
 
@@ -55,7 +56,7 @@ def main(argv):
         print("\n".join(report.lines(chip.peak_flops)))
         return 0 if report.fits else 1
     rows = []
-    remats = ("full", "dots_no_batch") if FLAGS.mode == "train" else (config.remat_policy,)
+    remats = ("full", "save_moe", "dots_no_batch") if FLAGS.mode == "train" else (config.remat_policy,)
     for mesh in aot.candidate_meshes(chips, config):
         for remat in remats:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from k2jax.layers.common import RMSNorm, dtype_of, param
@@ -29,12 +30,12 @@ class MLAttention(nnx.Module):
         self.q_a = param(rngs, (c.hidden_size, c.q_lora_rank), ("embed", "q_lora"), pd, std=std)
         self.q_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, pd, rngs=rngs)
         self.q_b = param(rngs, (c.q_lora_rank, c.num_attention_heads, c.qk_head_dim),
-                         ("q_lora", "heads", "head_dim"), pd, std=std)
+                         ("q_lora_in", "heads", "head_dim"), pd, std=std)
         self.kv_a = param(rngs, (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim), ("embed", "kv_lora"), pd,
                           std=std)
         self.kv_norm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, pd, rngs=rngs)
         self.kv_b = param(rngs, (c.kv_lora_rank, c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim),
-                          ("kv_lora", "heads", "head_dim"), pd, std=std)
+                          ("kv_lora_in", "heads", "head_dim"), pd, std=std)
         self.o = param(rngs, (c.num_attention_heads, c.v_head_dim, c.hidden_size), ("heads", "head_dim", "embed"),
                        pd, std=std)
         self.config, self.rules, self.dtype = c, rules, dtype_of(c.dtype)
@@ -43,11 +44,11 @@ class MLAttention(nnx.Module):
         """Queries q_nope [b,t,h,n], q_rope [b,t,h,r] and the normalised latent c [b,t,c], rotated k_rope [b,t,r]."""
         c, dt = self.config, self.dtype
         x = x_btd.astype(dt)
-        q_btq = self.q_norm(jnp.einsum("btd,dq->btq", x, self.q_a[...].astype(dt)))
+        q_btq = self.q_norm(checkpoint_name(jnp.einsum("btd,dq->btq", x, self.q_a[...].astype(dt)), "attn_lora"))
         q_bthk = jnp.einsum("btq,qhk->bthk", q_btq, self.q_b[...].astype(dt))
-        q_bthk = constrain(q_bthk, self.rules, ("batch", "act_seq", "act_heads", None))
+        q_bthk = checkpoint_name(constrain(q_bthk, self.rules, ("batch", "act_seq", "act_heads", None)), "attn_q")
         q_nope, q_rope = q_bthk[..., : c.qk_nope_head_dim], q_bthk[..., c.qk_nope_head_dim:]
-        kv_btc = jnp.einsum("btd,dc->btc", x, self.kv_a[...].astype(dt))
+        kv_btc = checkpoint_name(jnp.einsum("btd,dc->btc", x, self.kv_a[...].astype(dt)), "attn_lora")
         latent_btc = self.kv_norm(kv_btc[..., : c.kv_lora_rank])
         k_rope_btr = apply_rope(kv_btc[..., c.kv_lora_rank:], cos, sin)
         q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None])
@@ -69,14 +70,14 @@ class MLAttention(nnx.Module):
         """Attention with keys/values expanded per head from the latent; returns (out [b,t,d], scores [b,h,t,s])."""
         k_nope, v_bshv = self._expand_kv(latent_bsc)
         scores, probs = self._softmax(q_nope, q_rope, k_nope, k_rope_bsr, mask)
-        out_bthv = jnp.einsum("bhts,bshv->bthv", probs, v_bshv)
+        out_bthv = checkpoint_name(jnp.einsum("bhts,bshv->bthv", probs, v_bshv), "attn_out")
         return jnp.einsum("bthv,hvd->btd", out_bthv, self.o[...].astype(self.dtype)), scores
 
     def _expand_kv(self, latent_bsc):
         """Per-head keys k_nope [b,s,h,n] and values v [b,s,h,v] from the normalised latent."""
         c, dt = self.config, self.dtype
         kv_bshk = jnp.einsum("bsc,chk->bshk", latent_bsc.astype(dt), self.kv_b[...].astype(dt))
-        kv_bshk = constrain(kv_bshk, self.rules, ("batch", "act_seq", "act_heads", None))
+        kv_bshk = checkpoint_name(constrain(kv_bshk, self.rules, ("batch", "act_seq", "act_heads", None)), "attn_kv")
         return kv_bshk[..., : c.qk_nope_head_dim], kv_bshk[..., c.qk_nope_head_dim:]
 
     def _softmax(self, q_nope, q_rope, k_nope, k_rope_bsr, mask):
@@ -111,7 +112,7 @@ class MLAttention(nnx.Module):
                        seg[:, q0:q1], seg[:, :q1], q0)
             outs.append(o)
             maxes.append(m)
-        out_bthv = jnp.concatenate(outs, axis=1)
+        out_bthv = checkpoint_name(jnp.concatenate(outs, axis=1), "attn_out")
         max_logit_h = jax.lax.stop_gradient(jnp.max(jnp.stack(maxes), axis=0))
         return jnp.einsum("bthv,hvd->btd", out_bthv, self.o[...].astype(self.dtype)), max_logit_h
 

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 
@@ -52,6 +53,6 @@ class MLP(nnx.Module):
 
     def __call__(self, x_td: jax.Array) -> jax.Array:
         x = x_td.astype(self.dtype)
-        g = jnp.einsum("...d,df->...f", x, self.gate[...].astype(self.dtype))
-        u = jnp.einsum("...d,df->...f", x, self.up[...].astype(self.dtype))
+        g = checkpoint_name(jnp.einsum("...d,df->...f", x, self.gate[...].astype(self.dtype)), "mlp_hidden")
+        u = checkpoint_name(jnp.einsum("...d,df->...f", x, self.up[...].astype(self.dtype)), "mlp_hidden")
         return jnp.einsum("...f,fd->...d", jax.nn.silu(g) * u, self.down[...].astype(self.dtype))

@@ -19,6 +19,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 def resolve_impl(impl: str, rows: int = 0, n_groups: int = 0) -> str:
@@ -110,47 +111,62 @@ def _scan_blocks(fn, n_used, xs, init_carry=None, unroll=1):
     return jax.lax.scan(body, init_carry, (jnp.arange(n),) + tuple(xs), unroll=n if unroll == 0 else unroll)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def block_swiglu(x_nbd, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll=1):
-    """y[n] = SwiGLU_e(x[n]) with e = block_expert[n], for blocks n < n_used (zero after): [n, b, d] -> [n, b, d].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def block_swiglu(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll=1):
+    """y[n] = r[n]·SwiGLU_e(x[n]) with e = block_expert[n], for blocks n < n_used (zero after): [n, b, d] -> [n, b, d].
 
     A loop over blocks reads each expert's weights in place (no [n, d, f] gather); the backward pass
-    accumulates the weight gradients block by block into [e, d, f].
+    accumulates the weight gradients block by block into [e, d, f]. The routing weights r [n, b] are applied
+    inside, so their gradient comes from the backward's dh·h and the unweighted rows [n, b, d] are never kept.
     """
-    return _block_swiglu_fwd(x_nbd, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll)[0]
-
-
-def _block_swiglu_fwd(x_nbd, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll):
-    def fn(carry, i, x, e):
+    def fn(carry, i, x, r, e):
         g = jnp.dot(x, wg_edf[e], preferred_element_type=x.dtype)
         u = jnp.dot(x, wu_edf[e], preferred_element_type=x.dtype)
-        return carry, (jnp.dot(jax.nn.silu(g) * u, wd_efd[e], preferred_element_type=x.dtype), g, u)
+        return carry, jnp.dot(jax.nn.silu(g) * u * r[:, None], wd_efd[e], preferred_element_type=x.dtype)
 
-    _, (y, g, u) = _scan_blocks(fn, n_used, (x_nbd, block_expert), unroll=unroll)
-    return y, (x_nbd, g, u, wg_edf, wu_edf, wd_efd, block_expert, n_used)
+    return _scan_blocks(fn, n_used, (x_nbd, r_nb, block_expert), unroll=unroll)[1]
+
+
+def _block_swiglu_fwd(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll):
+    # Two loops: the hidden rows g, u (named, so remat_policy="save_moe" keeps them), then the down projection,
+    # whose output the backward pass does not need: holding g, u it recomputes no expert matmul.
+    def hidden(carry, i, x, e):
+        g = checkpoint_name(jnp.dot(x, wg_edf[e], preferred_element_type=x.dtype), "moe_hidden")
+        u = checkpoint_name(jnp.dot(x, wu_edf[e], preferred_element_type=x.dtype), "moe_hidden")
+        return carry, (g, u)
+
+    def down(carry, i, g, u, r, e):
+        return carry, jnp.dot(jax.nn.silu(g) * u * r[:, None], wd_efd[e], preferred_element_type=g.dtype)
+
+    _, (g, u) = _scan_blocks(hidden, n_used, (x_nbd, block_expert), unroll=unroll)
+    _, y = _scan_blocks(down, n_used, (g, u, r_nb, block_expert), unroll=unroll)
+    return y, (x_nbd, r_nb, g, u, wg_edf, wu_edf, wd_efd, block_expert, n_used)
 
 
 def _block_swiglu_bwd(unroll, res, dy_nbd):
-    x_nbd, g_nbf, u_nbf, wg_edf, wu_edf, wd_efd, block_expert, n_used = res
+    x_nbd, r_nb, g_nbf, u_nbf, wg_edf, wu_edf, wd_efd, block_expert, n_used = res
 
-    def fn(dws, i, x, g, u, dy, e):
+    def fn(dws, i, x, r, g, u, dy, e):
         dwg, dwu, dwd = dws
         sig = jax.nn.sigmoid(g)
         silu = g * sig
-        dh = jnp.dot(dy, wd_efd[e].T, preferred_element_type=x.dtype)
+        h = silu * u
+        dhr = jnp.dot(dy, wd_efd[e].T, preferred_element_type=x.dtype)  # d/d(r·h)
+        dr = jnp.sum(dhr * h, axis=-1)
+        dh = dhr * r[:, None]
         dg = dh * u * sig * (1 + g * (1 - sig))
         du = dh * silu
         dx = (jnp.dot(dg, wg_edf[e].T, preferred_element_type=x.dtype)
               + jnp.dot(du, wu_edf[e].T, preferred_element_type=x.dtype))
         dwg = dwg.at[e].add(jnp.dot(x.T, dg, preferred_element_type=dwg.dtype))
         dwu = dwu.at[e].add(jnp.dot(x.T, du, preferred_element_type=dwu.dtype))
-        dwd = dwd.at[e].add(jnp.dot((silu * u).T, dy, preferred_element_type=dwd.dtype))
-        return (dwg, dwu, dwd), dx
+        dwd = dwd.at[e].add(jnp.dot((h * r[:, None]).T, dy, preferred_element_type=dwd.dtype))
+        return (dwg, dwu, dwd), (dx, dr)
 
     zeros = (jnp.zeros_like(wg_edf), jnp.zeros_like(wu_edf), jnp.zeros_like(wd_efd))
-    (dwg, dwu, dwd), dx = _scan_blocks(fn, n_used, (x_nbd, g_nbf, u_nbf, dy_nbd, block_expert), zeros,
-                                       unroll=unroll)
-    return dx, dwg, dwu, dwd, None, None
+    (dwg, dwu, dwd), (dx, dr) = _scan_blocks(fn, n_used, (x_nbd, r_nb, g_nbf, u_nbf, dy_nbd, block_expert), zeros,
+                                             unroll=unroll)
+    return dx, dr.astype(r_nb.dtype), dwg, dwu, dwd, None, None
 
 
 block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)
@@ -196,8 +212,10 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
         block_expert = jnp.searchsorted(padded_end, jnp.arange(n_blocks) * b, side="right")
         block_expert = jnp.minimum(block_expert, n_exp - 1).astype(jnp.int32)
         n_used = padded_end[-1] // b
-        y_nbd = block_swiglu(x_nbd, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll)
+        r_nb = jnp.zeros((n_blocks * b,), dtype).at[dest].set(weight.astype(dtype), mode="drop")
+        y_nbd = block_swiglu(x_nbd, r_nb.reshape(n_blocks, b), wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll)
         y_md = y_nbd.reshape(n_blocks * b, -1).at[dest].get(mode="fill", fill_value=0)
+        return jnp.zeros_like(x_td).at[token].add(y_md)
     y_md = y_md * weight[:, None].astype(dtype)
     return jnp.zeros_like(x_td).at[token].add(y_md)
 

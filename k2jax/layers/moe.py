@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from k2jax.layers.common import MLP, RouterBias, dtype_of, param
@@ -24,9 +25,9 @@ class MoE(nnx.Module):
         # the router stays float32 whatever the parameter dtype (it scores in float32; HF keeps it so too)
         self.router = param(rngs, (d, e), ("embed", "router_experts"), jnp.float32, std=std)
         self.router_bias = param(rngs, (e,), ("router_experts",), jnp.float32, fill=0.0, kind=RouterBias)
-        self.wg = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), pd, std=std)
-        self.wu = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), pd, std=std)
-        self.wd = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), pd, std=std)
+        self.wg = param(rngs, (e, d, f), ("experts", "expert_embed", "expert_mlp"), pd, std=std)
+        self.wu = param(rngs, (e, d, f), ("experts", "expert_embed", "expert_mlp"), pd, std=std)
+        self.wd = param(rngs, (e, f, d), ("experts", "expert_mlp", "expert_embed"), pd, std=std)
         self.shared = (MLP(d, f * c.n_shared_experts, std, pd, dtype_of(c.dtype), rngs=rngs)
                        if c.n_shared_experts else None)
         self.config, self.rules, self.dtype = c, rules, dtype_of(c.dtype)
@@ -39,7 +40,7 @@ class MoE(nnx.Module):
         """
         c = self.config
         b, t, d = x_btd.shape
-        x_td = x_btd.astype(self.dtype).reshape(b * t, d)
+        x_td = checkpoint_name(x_btd.astype(self.dtype).reshape(b * t, d), "moe_in")
         idx, weights, scores = route(x_td, self.router[...], self.router_bias[...], top_k=c.num_experts_per_tok,
                                      n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
                                      scaling=c.routed_scaling_factor)
