@@ -193,18 +193,15 @@ def _compile_train(config: K2Config, mesh, batch: int, seq: int, microbatches: i
     spec = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=trainer.batch_sharding)
     t0 = time.perf_counter()
     compiled = _compile_or_oom(trainer.lower(state, {"tokens": spec, "segment_ids": spec, "positions": spec}))
-    return compiled, time.perf_counter() - t0
+    return compiled, time.perf_counter() - t0, trainer
 
 
-def _optimizer_cost(config: K2Config, mesh, chip: Chip) -> tuple[float, float]:
-    """(per-chip FLOPs, seconds) of the optimizer update alone (gradients in, new params and state out)."""
+def _optimizer_cost(trainer, chip: Chip) -> tuple[float, float]:
+    """(per-chip FLOPs, seconds) of a Trainer's optimizer update alone (gradients in, new params and state out)."""
     import optax
 
-    from k2jax.optim import OptimConfig
-    from k2jax.train import Trainer
-
-    trainer = Trainer(config, OptimConfig(), mesh)
     state = trainer.abstract_state()
+    mesh = trainer.mesh
 
     def update(params, opt_state, grads):
         updates, opt_state = trainer.tx.update(grads, opt_state, params)
@@ -239,7 +236,7 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
     mesh = make_mesh(mesh_spec, devices=devices)
     if config.moe_impl == "auto":  # what 'auto' means on a TPU host (this host's backend is the CPU)
         config = config.replace(moe_impl="blocks")
-    compiled, secs = _compile_train(config, mesh, batch, seq, microbatches)
+    compiled, secs, _ = _compile_train(config, mesh, batch, seq, microbatches)
     mem = compiled.memory_analysis()
     over = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     if progress is not None:
@@ -253,9 +250,9 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
     for n in (2, 3):
         small = config.replace(num_hidden_layers=n, first_k_dense_replace=min(config.first_k_dense_replace, 1),
                                scan_layers=False, moe_block_unroll=0)  # every loop unrolled, so every body counts
-        c, _ = _compile_train(small, mesh, batch // microbatches, seq, 1)
+        c, _, small_trainer = _compile_train(small, mesh, batch // microbatches, seq, 1)
         per_layers[n] = _cost(c, chip)
-        opt_per_layers[n] = _optimizer_cost(small, mesh, chip)
+        opt_per_layers[n] = _optimizer_cost(small_trainer, chip)
     (f2, s2), (f3, s3) = per_layers[2], per_layers[3]
     (of2, os2), (of3, os3) = opt_per_layers[2], opt_per_layers[3]
     extra = config.num_hidden_layers - 3

@@ -43,7 +43,7 @@ def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes():
     report = aot.compile_train(config, "v5p-8", "expert=2,tensor=2", batch=8, seq=128)
     assert report.fits and report.chips == 4 and report.mesh["expert"] == 2 and report.mesh["tensor"] == 2
     _, devices = aot.topology_devices("v5p-8")
-    compiled, _ = aot._compile_train(config, make_mesh("expert=2,tensor=2", devices=devices), 8, 128, 1)
+    compiled, _, _ = aot._compile_train(config, make_mesh("expert=2,tensor=2", devices=devices), 8, 128, 1)
     mem = compiled.memory_analysis()
     assert report.argument_bytes == mem.argument_size_in_bytes > 0
     assert report.temp_bytes == mem.temp_size_in_bytes > 0
