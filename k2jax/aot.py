@@ -322,7 +322,7 @@ def compile_decode(config: K2Config, topology: str, mesh_spec: str, *, batch: in
 def candidate_meshes(chips: int, config: K2Config) -> list[str]:
     """A short list of layouts worth trying on `chips` chips (expert and tensor axes that divide the model)."""
     out = [f"fsdp={chips}"]
-    for ep in (8, 16, 32, 64):
+    for ep in (8, 16, 32, 64, 128):
         for tp in (1, 2, 4):
             if ep * tp <= chips and chips % (ep * tp) == 0 and config.n_routed_experts % ep == 0 \
                     and config.num_attention_heads % tp == 0:

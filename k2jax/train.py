@@ -52,7 +52,7 @@ class Trainer:
         graphdef, abstract = abstract_model(config, self.rules)
         self.graphdef, abs_params, abs_bias = nnx.split(nnx.merge(graphdef, abstract), nnx.Param, RouterBias)
         self.abstract_params, self.abstract_bias = abs_params, abs_bias
-        self.tx = make_optimizer(optim, abs_params, config.kv_lora_rank)
+        self.tx = make_optimizer(optim, abs_params, config.kv_lora_rank, layer_loop=config.scan_layers)
         shard = lambda t: state_shardings(t, mesh, self.rules)  # noqa: E731
         self.param_shardings, self.bias_shardings = shard(abs_params), shard(abs_bias)
         self.replicated = NamedSharding(mesh, P())

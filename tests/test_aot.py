@@ -32,6 +32,20 @@ def test_topology_names():
         parse_topology("v9-8")
 
 
+def test_search_candidates_use_every_chip_and_divide_the_model():
+    from k2jax.aot import candidate_meshes
+    from k2jax.config import load_config
+    from k2jax.sharding import parse_mesh_spec
+
+    k2 = load_config("kimi_k2")
+    meshes = [parse_mesh_spec(m) for m in candidate_meshes(128, k2)]
+    assert {"fsdp": 128} in meshes and {"fsdp": 1, "expert": 128} in meshes and len(meshes) == 13
+    for m in meshes:
+        assert m.get("fsdp", 1) * m.get("expert", 1) * m.get("tensor", 1) == 128, m
+        assert k2.n_routed_experts % m.get("expert", 1) == 0 and k2.num_attention_heads % m.get("tensor", 1) == 0
+    assert all(parse_mesh_spec(m).get("expert", 1) <= 16 for m in candidate_meshes(16, k2))
+
+
 def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes():
     """The reported figures are the compiled module's own memory_analysis / cost_analysis."""
     os.environ.update(TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
