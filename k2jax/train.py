@@ -127,10 +127,12 @@ class Trainer:
         def body(carry, mb):
             loss_acc, grad_acc = carry
             (loss, aux), g = grad_fn(params, mb, n_tokens, n_seq)
-            return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, g)), aux
+            return (loss_acc + loss, jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grad_acc, g)), aux
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        # the sum runs in float32 whatever the parameter dtype (bf16 would lose the small microbatches' bits)
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
         (loss, grads), auxs = jax.lax.scan(body, (jnp.zeros(()), zeros), micro)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         aux = {"ce_sum": auxs["ce_sum"].sum(), "tokens": auxs["tokens"].sum(), "balance_sum": auxs["balance_sum"].sum(),
                "sequences": auxs["sequences"].sum(), "max_logit": jax.tree.map(lambda x: x.max(0), auxs["max_logit"]),
                "expert_load": None if auxs["expert_load"] is None else auxs["expert_load"].sum(0),

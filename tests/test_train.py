@@ -97,6 +97,24 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
         np.testing.assert_allclose(a, b, atol=1e-6 * max(np.abs(a).max(), 1e-3), rtol=1e-4)
 
 
+def test_accumulation_sums_in_float32_for_bfloat16_parameters(tiny_config):
+    """With bf16 parameters the microbatch loop carries float32 gradient sums and hands gradients of each
+    parameter's dtype on."""
+    t = _trainer(tiny_config.replace(param_dtype="bfloat16"), optimizer="adamw")
+    t.microbatches = 4
+    state = t.abstract_state()
+    spec = jax.ShapeDtypeStruct((8, 32), jnp.int32)
+    closed = jax.make_jaxpr(t._grads)(state.params, state.bias, {k: spec for k in ("tokens", "segment_ids", "positions")})
+    n = len(jax.tree.leaves(state.params))
+    (scan,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "scan"]
+    carry = [v.aval.dtype for v in scan.outvars[:scan.params["num_carry"]]]
+    assert len(carry) == n + 1 and set(carry) == {jnp.dtype(jnp.float32)}
+    grads = jax.eval_shape(t._grads, state.params, state.bias, {k: spec for k in ("tokens", "segment_ids",
+                                                                                    "positions")})[1]
+    assert [g.dtype for g in jax.tree.leaves(grads)] == [p.dtype for p in jax.tree.leaves(state.params)]
+    assert jnp.dtype(jnp.bfloat16) in {g.dtype for g in jax.tree.leaves(grads)}
+
+
 def _max_logits(trainer, params, bias, batch, inputs_from=None):
     return jax.device_get(_max_logits_jit(trainer, params, bias, {k: jnp.asarray(v) for k, v in batch.items()},
                                           inputs_from if inputs_from is not None else (params, bias)))
