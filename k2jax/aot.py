@@ -227,21 +227,37 @@ def _cost(compiled, chip: Chip) -> tuple[float, float]:
 
 
 def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int, seq: int,
-                  microbatches: int = 1, progress=None) -> Report:
+                  microbatches: int = 1, progress=None, flops_batch: int | None = None) -> Report:
     """AOT-compiles the real train step; FLOPs and time come from 2- and 3-layer unrolled builds, extrapolated
-    to the full depth (XLA counts a scanned loop body once)."""
+    to the full depth (XLA counts a scanned loop body once).
+
+    The unrolled builds hold `flops_batch` sequences (default: one per batch shard, at most a microbatch) and
+    their model part is scaled by microbatch / flops_batch: FLOPs are linear in the sequences, and a full K2
+    build with two sequences per chip outgrows a 24 GB host. The time scales the same way, an upper bound
+    (the weights' gathers do not grow with the batch). The optimizer update is counted once per step.
+    """
     from k2jax.train import analytic_train_flops
 
     chip, devices = topology_devices(topology)
     mesh = make_mesh(mesh_spec, devices=devices)
     if config.moe_impl == "auto":  # what 'auto' means on a TPU host (this host's backend is the CPU)
         config = config.replace(moe_impl="blocks")
+    micro = batch // microbatches
+    if flops_batch is None:
+        from k2jax.sharding import ShardingRules
+
+        spec = ShardingRules().for_training().spec(("batch",), mesh)[0]
+        shards = math.prod(mesh.shape[a] for a in _axes(spec))
+        flops_batch = shards if micro % shards == 0 else micro
+    if flops_batch <= 0 or micro % flops_batch:
+        raise ValueError(f"--flops_batch={flops_batch} does not divide the microbatch of {micro} sequences")
     compiled, secs, _ = _compile_train(config, mesh, batch, seq, microbatches)
     mem = compiled.memory_analysis()
     over = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     if progress is not None:
         progress(f"full-depth step compiled in {secs:.1f}s: {over / GiB:.2f} GiB per chip of {chip.hbm_bytes / GiB:.2f}"
-                 + ("" if over > chip.hbm_bytes else "; counting FLOPs with 2- and 3-layer unrolled builds"))
+                 + ("" if over > chip.hbm_bytes else f"; counting FLOPs with 2- and 3-layer unrolled builds of "
+                    f"{flops_batch} sequences"))
     if over > chip.hbm_bytes:  # the verdict is known: skip the FLOPs builds
         return Report(topology, dict(mesh.shape), "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
                       mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, float("nan"),
@@ -250,20 +266,27 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
     for n in (2, 3):
         small = config.replace(num_hidden_layers=n, first_k_dense_replace=min(config.first_k_dense_replace, 1),
                                scan_layers=False, moe_block_unroll=0)  # every loop unrolled, so every body counts
-        c, _, small_trainer = _compile_train(small, mesh, batch // microbatches, seq, 1)
+        c, _, small_trainer = _compile_train(small, mesh, flops_batch, seq, 1)
         per_layers[n] = _cost(c, chip)
         opt_per_layers[n] = _optimizer_cost(small_trainer, chip)
     (f2, s2), (f3, s3) = per_layers[2], per_layers[3]
     (of2, os2), (of3, os3) = opt_per_layers[2], opt_per_layers[3]
     extra = config.num_hidden_layers - 3
     opt, opt_s = of3 + extra * (of3 - of2), os3 + extra * (os3 - os2)
-    # the unrolled builds hold one microbatch and one optimizer update each; the step has one update in all
-    flops = microbatches * (f3 + extra * (f3 - f2)) - (microbatches - 1) * opt
-    seconds = microbatches * (s3 + extra * (s3 - s2)) - (microbatches - 1) * opt_s
+    # each unrolled build holds one update; the step runs the model on `microbatches` x `micro` sequences and
+    # the update once
+    scale = microbatches * micro / flops_batch
+    flops = scale * (f3 + extra * (f3 - f2) - opt) + opt
+    seconds = scale * (s3 + extra * (s3 - s2) - opt_s) + opt_s
     return Report(topology, dict(mesh.shape), "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
                   mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, flops * len(devices),
                   analytic_train_flops(config, batch * seq, seq), seconds, batch * seq, secs,
                   collective_bytes(compiled.as_text()), opt * len(devices))
+
+
+def _axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def compile_decode(config: K2Config, topology: str, mesh_spec: str, *, batch: int, context: int,

@@ -66,6 +66,9 @@ def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes():
     body_flops, _ = aot._cost(compiled, aot.CHIPS["v5p"])
     assert report.flops > body_flops * report.chips > 0  # loop bodies scaled by their trip counts
     assert 0 < report.optimizer_flops < report.flops  # MuonClip's Newton-Schulz, reported on its own line
+    # the unrolled builds held one sequence per batch shard (2 of the 8) and were scaled to the batch: the model's
+    # FLOPs stay within a few times the analytic count (unscaled they would be ~0.3x, scaled twice ~10x)
+    assert 1.0 < (report.flops - report.optimizer_flops) / report.analytic_flops < 4.0
     assert "of which the optimizer update" in "\n".join(report.lines(aot.CHIPS["v5p"].peak_flops))
     assert report.seconds > 0
     dec = aot.compile_decode(config, "v5p-8", "expert=2,tensor=2", batch=4, context=256)
@@ -113,3 +116,5 @@ def test_bad_mesh_and_topology_are_named():
     assert r.returncode == 2 and "has 8 devices but the topology has 4 chips" in r.stderr
     r = _compile("--config=tiny", "--topology=v7x-8")
     assert r.returncode != 0 and "unknown topology" in r.stderr
+    r = _compile("--config=tiny", "--topology=v5p-8", "--mesh=expert=2,tensor=2", "--batch=8", "--flops_batch=3")
+    assert r.returncode != 0 and "--flops_batch=3 does not divide the microbatch of 8 sequences" in r.stderr
