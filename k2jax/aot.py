@@ -37,14 +37,39 @@ CHIPS = {
 
 
 class DoesNotFit(RuntimeError):
-    """The TPU compiler refused the step for lack of HBM; carries the bytes it needed and had."""
+    """The TPU compiler refused the step for lack of HBM; carries the bytes it needed and had, and whether
+    `required` counts the temporaries alone (the compiler stopped early) or everything."""
 
-    def __init__(self, required: float, available: float, message: str):
+    def __init__(self, required: float, available: float, message: str, temporaries_only: bool = True):
         super().__init__(message)
-        self.required, self.available = required, available
+        self.required, self.available, self.temporaries_only = required, available, temporaries_only
+
+    @property
+    def what(self) -> str:
+        return "of temporaries alone" if self.temporaries_only else "in all"
 
 
-_OOM = re.compile(r"required for [^(]*\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+_UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_SIZE = r"([\d.]+)([KMGT])"
+# two forms: an early check of the temporaries, and the allocator's final verdict on everything
+_OOM_TEMPS = re.compile(r"required for [^(]*\(" + _SIZE + r"\) exceeds available HBM \(" + _SIZE + r"\)")
+_OOM_ALL = re.compile(r"Used " + _SIZE + " of " + _SIZE + " hbm")
+
+
+def parse_oom(text: str) -> DoesNotFit | None:
+    """The DoesNotFit that a compiler error's text describes, or None when it is not an out-of-HBM error."""
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    size = lambda num, unit: float(num) * _UNIT[unit]  # noqa: E731
+    line = next((ln for ln in text.splitlines() if "hbm" in ln.lower()), text.splitlines()[0] if text else "")
+    if m := _OOM_TEMPS.search(text):
+        return DoesNotFit(size(*m.group(1, 2)), size(*m.group(3, 4)), line.strip())
+    if m := _OOM_ALL.search(text):
+        available = size(*m.group(3, 4))
+        over = re.search(r"Exceeded hbm capacity by " + _SIZE, text)  # more digits than 'Used'
+        required = available + size(*over.group(1, 2)) if over else size(*m.group(1, 2))
+        return DoesNotFit(required, available, line.strip(), temporaries_only=False)
+    return None
 
 
 def _compile_or_oom(lowered):
@@ -52,12 +77,10 @@ def _compile_or_oom(lowered):
     try:
         return lowered.compile()
     except Exception as e:  # jax raises JaxRuntimeError(RESOURCE_EXHAUSTED ...)
-        m = _OOM.search(str(e))
-        if "RESOURCE_EXHAUSTED" not in str(e) or not m:
+        oom = parse_oom(str(e))
+        if oom is None:
             raise
-        unit = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-        raise DoesNotFit(float(m.group(1)) * unit[m.group(2)], float(m.group(3)) * unit[m.group(4)],
-                         str(e).splitlines()[0]) from None
+        raise oom from None
 
 
 class TopologyError(ValueError):

@@ -32,6 +32,19 @@ def test_topology_names():
         parse_topology("v9-8")
 
 
+def test_both_forms_of_the_compilers_out_of_hbm_error_are_read():
+    from k2jax.aot import GiB, parse_oom
+
+    early = parse_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                      "(114.49G) exceeds available HBM (95.74G).")
+    assert early.temporaries_only and early.required == 114.49 * GiB and early.available == 95.74 * GiB
+    late = parse_oom("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of "
+                     "memory in memory space hbm. Used 31.43G of 31.25G hbm. Exceeded hbm capacity by 193.60M.")
+    assert not late.temporaries_only and late.what == "in all"
+    assert (late.required - late.available) / 2**20 == pytest.approx(193.6) and late.available == 31.25 * GiB
+    assert parse_oom("INVALID_ARGUMENT: something else") is None
+
+
 def test_search_candidates_use_every_chip_and_divide_the_model():
     from k2jax.aot import candidate_meshes
     from k2jax.config import load_config

@@ -52,8 +52,9 @@ def main(argv):
             report = one(mesh, config)
         except aot.DoesNotFit as e:
             print(f"{FLAGS.mode} step on {FLAGS.topology}, mesh {mesh}: DOES NOT FIT: the compiler needs "
-                  f"{e.required / aot.GiB:.2f} GiB per chip of temporaries alone, {e.available / aot.GiB:.2f} GiB "
-                  f"available: short by at least {(e.required - e.available) / aot.GiB:.2f} GiB")
+                  f"{e.required / aot.GiB:.2f} GiB per chip {e.what}, {e.available / aot.GiB:.2f} GiB "
+                  f"available: short by {'at least ' if e.temporaries_only else ''}"
+                  f"{(e.required - e.available) / aot.GiB:.2f} GiB")
             return 1
         print("\n".join(report.lines(chip.peak_flops)))
         return 0 if report.fits else 1
@@ -65,7 +66,7 @@ def main(argv):
                 r = one(mesh, config.replace(remat_policy=remat))
                 rows.append((mesh, remat, r.fits, r.total_bytes / aot.GiB, r.seconds, r.mfu(chip.peak_flops), ""))
             except aot.DoesNotFit as e:
-                rows.append((mesh, remat, False, e.required / aot.GiB, float("inf"), 0.0, "temporaries alone"))
+                rows.append((mesh, remat, False, e.required / aot.GiB, float("inf"), 0.0, e.what.replace("of ", "")))
             except Exception as e:  # a layout the compiler rejects is a row of the table, not the end of the search
                 rows.append((mesh, remat, False, float("nan"), float("inf"), 0.0, str(e).splitlines()[0][:60]))
             print(f"  tried {mesh} remat={remat}", file=sys.stderr, flush=True)
