@@ -38,7 +38,8 @@ CHIPS = {
 
 class DoesNotFit(RuntimeError):
     """The TPU compiler refused the step for lack of HBM; carries the bytes it needed and had, and whether
-    `required` counts the temporaries alone (the compiler stopped early) or everything."""
+    `required` counts the temporaries alone (the compiler stopped early) or everything it had allocated when
+    it stopped. Both are lower bounds of the step's need."""
 
     def __init__(self, required: float, available: float, message: str, temporaries_only: bool = True):
         super().__init__(message)

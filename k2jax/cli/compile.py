@@ -53,8 +53,7 @@ def main(argv):
         except aot.DoesNotFit as e:
             print(f"{FLAGS.mode} step on {FLAGS.topology}, mesh {mesh}: DOES NOT FIT: the compiler needs "
                   f"{e.required / aot.GiB:.2f} GiB per chip {e.what}, {e.available / aot.GiB:.2f} GiB "
-                  f"available: short by {'at least ' if e.temporaries_only else ''}"
-                  f"{(e.required - e.available) / aot.GiB:.2f} GiB")
+                  f"available: short by at least {(e.required - e.available) / aot.GiB:.2f} GiB")
             return 1
         print("\n".join(report.lines(chip.peak_flops)))
         return 0 if report.fits else 1
