@@ -208,11 +208,12 @@ def collective_bytes(hlo_text: str) -> int:
     return total
 
 
-def _compile_train(config: K2Config, mesh, batch: int, seq: int, microbatches: int):
+def _compile_train(config: K2Config, mesh, batch: int, seq: int, microbatches: int, grad_accum_dtype: str = "param"):
     from k2jax.optim import OptimConfig
     from k2jax.train import LossConfig, Trainer
 
-    trainer = Trainer(config, OptimConfig(), mesh, loss=LossConfig(vocab_chunk=8192), microbatches=microbatches)
+    trainer = Trainer(config, OptimConfig(grad_accum_dtype=grad_accum_dtype), mesh, loss=LossConfig(vocab_chunk=8192),
+                      microbatches=microbatches)
     state = trainer.abstract_state()
     spec = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=trainer.batch_sharding)
     t0 = time.perf_counter()
@@ -251,7 +252,8 @@ def _cost(compiled, chip: Chip) -> tuple[float, float]:
 
 
 def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int, seq: int,
-                  microbatches: int = 1, progress=None, flops_batch: int | None = None) -> Report:
+                  microbatches: int = 1, progress=None, flops_batch: int | None = None,
+                  grad_accum_dtype: str = "param") -> Report:
     """AOT-compiles the real train step; FLOPs and time come from 2- and 3-layer unrolled builds, extrapolated
     to the full depth (XLA counts a scanned loop body once).
 
@@ -275,7 +277,7 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
         flops_batch = shards if micro % shards == 0 else micro
     if flops_batch <= 0 or micro % flops_batch:
         raise ValueError(f"--flops_batch={flops_batch} does not divide the microbatch of {micro} sequences")
-    compiled, secs, _ = _compile_train(config, mesh, batch, seq, microbatches)
+    compiled, secs, _ = _compile_train(config, mesh, batch, seq, microbatches, grad_accum_dtype)
     mem = compiled.memory_analysis()
     over = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     if progress is not None:

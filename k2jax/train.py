@@ -127,10 +127,10 @@ class Trainer:
         def body(carry, mb):
             loss_acc, grad_acc = carry
             (loss, aux), g = grad_fn(params, mb, n_tokens, n_seq)
-            return (loss_acc + loss, jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grad_acc, g)), aux
+            return (loss_acc + loss, jax.tree.map(lambda a, b: a + b.astype(a.dtype), grad_acc, g)), aux
 
-        # the sum runs in float32 whatever the parameter dtype (bf16 would lose the small microbatches' bits)
-        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
+        f32 = self.optim.grad_accum_dtype == "float32"
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32 if f32 else p.dtype), params)
         (loss, grads), auxs = jax.lax.scan(body, (jnp.zeros(()), zeros), micro)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         aux = {"ce_sum": auxs["ce_sum"].sum(), "tokens": auxs["tokens"].sum(), "balance_sum": auxs["balance_sum"].sum(),

@@ -97,18 +97,20 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
         np.testing.assert_allclose(a, b, atol=1e-6 * max(np.abs(a).max(), 1e-3), rtol=1e-4)
 
 
-def test_accumulation_sums_in_float32_for_bfloat16_parameters(tiny_config):
-    """With bf16 parameters the microbatch loop carries float32 gradient sums and hands gradients of each
-    parameter's dtype on."""
-    t = _trainer(tiny_config.replace(param_dtype="bfloat16"), optimizer="adamw")
+@pytest.mark.parametrize("accum", ["param", "float32"])
+def test_accumulation_dtype_for_bfloat16_parameters(tiny_config, accum):
+    """With bf16 parameters the microbatch loop carries gradient sums in the parameters' dtypes (default) or in
+    float32 (`grad_accum_dtype`), and hands gradients of each parameter's dtype on."""
+    t = _trainer(tiny_config.replace(param_dtype="bfloat16"), optimizer="adamw", grad_accum_dtype=accum)
     t.microbatches = 4
     state = t.abstract_state()
     spec = jax.ShapeDtypeStruct((8, 32), jnp.int32)
     closed = jax.make_jaxpr(t._grads)(state.params, state.bias, {k: spec for k in ("tokens", "segment_ids", "positions")})
     n = len(jax.tree.leaves(state.params))
     (scan,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "scan"]
-    carry = [v.aval.dtype for v in scan.outvars[:scan.params["num_carry"]]]
-    assert len(carry) == n + 1 and set(carry) == {jnp.dtype(jnp.float32)}
+    carry = [v.aval.dtype for v in scan.outvars[1:scan.params["num_carry"]]]
+    want = [jnp.dtype(jnp.float32) if accum == "float32" else p.dtype for p in jax.tree.leaves(state.params)]
+    assert len(carry) == n and carry == want
     grads = jax.eval_shape(t._grads, state.params, state.bias, {k: spec for k in ("tokens", "segment_ids",
                                                                                     "positions")})[1]
     assert [g.dtype for g in jax.tree.leaves(grads)] == [p.dtype for p in jax.tree.leaves(state.params)]

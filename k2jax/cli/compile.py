@@ -24,6 +24,8 @@ flags.DEFINE_integer("context", 32768, "Decode cache length.")
 flags.DEFINE_integer("microbatches", 1, "Gradient accumulation microbatches (train).")
 flags.DEFINE_enum("cache_dtype", "bfloat16", ["bfloat16", "float32", "int8"], "Decode cache dtype.")
 flags.DEFINE_multi_string("set", [], "Config override key=value (repeatable), e.g. --set param_dtype=bfloat16.")
+flags.DEFINE_enum("grad_accum_dtype", "param", ["param", "float32"],
+                  "Gradient sums over --microbatches: in the parameters' dtype or float32.")
 flags.DEFINE_integer("flops_batch", 0, "Sequences in the 2- and 3-layer builds that count FLOPs (train; default one "
                      "per batch shard), scaled to the batch.")
 flags.DEFINE_bool("search", False, "Try a short list of meshes and remat policies; print a ranked table.")
@@ -42,6 +44,7 @@ def main(argv):
         if FLAGS.mode == "train":
             return aot.compile_train(cfg, FLAGS.topology, mesh, batch=FLAGS.batch or chips, seq=FLAGS.seq,
                                      microbatches=FLAGS.microbatches, flops_batch=FLAGS.flops_batch or None,
+                                     grad_accum_dtype=FLAGS.grad_accum_dtype,
                                      progress=lambda line: print(f"  ({line})", file=sys.stderr, flush=True))
         return aot.compile_decode(cfg, FLAGS.topology, mesh, batch=FLAGS.batch or 1, context=FLAGS.context,
                                   cache_dtype=FLAGS.cache_dtype)
