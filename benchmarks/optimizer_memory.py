@@ -25,10 +25,7 @@ def main():
     p.add_argument("--mesh", default="fsdp=2,expert=64")
     p.add_argument("--batched", action="store_true", help="all stacked layers in one batched Newton-Schulz")
     args = p.parse_args()
-    import jax
-    import optax
-
-    from k2jax.aot import GiB, DoesNotFit, _compile_or_oom, topology_devices
+    from k2jax.aot import GiB, DoesNotFit, compile_optimizer, topology_devices
     from k2jax.config import load_config
     from k2jax.optim import OptimConfig, make_optimizer
     from k2jax.sharding import make_mesh
@@ -39,24 +36,14 @@ def main():
     mesh = make_mesh(args.mesh, devices=devices)
     trainer = Trainer(config, OptimConfig(), mesh)
     tx = make_optimizer(OptimConfig(), trainer.abstract_params, config.kv_lora_rank, layer_loop=not args.batched)
-    state = trainer.abstract_state()
-
-    def update(params, opt_state, grads):
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    shardings = (trainer.param_shardings, trainer.opt_shardings)
     t0 = time.perf_counter()
     how = "all layers at once" if args.batched else "one layer at a time"
-    with jax.set_mesh(mesh):
-        lowered = jax.jit(update, in_shardings=shardings + (trainer.param_shardings,), out_shardings=shardings,
-                          donate_argnums=(0, 1)).lower(state.params, state.opt_state, state.params)
-        try:
-            compiled = _compile_or_oom(lowered)
-        except DoesNotFit as e:
-            print(f"MuonClip update of {args.config} on {args.topology} ({args.mesh}), {how}: DOES NOT FIT: "
-                  f"{e.required / GiB:.2f} GiB of temporaries per chip, {e.available / GiB:.2f} GiB available")
-            return 1
+    try:
+        compiled = compile_optimizer(trainer, tx)
+    except DoesNotFit as e:
+        print(f"MuonClip update of {args.config} on {args.topology} ({args.mesh}), {how}: DOES NOT FIT: "
+              f"{e.required / GiB:.2f} GiB of temporaries per chip, {e.available / GiB:.2f} GiB available")
+        return 1
     m = compiled.memory_analysis()
     print(f"MuonClip update of {args.config} on {args.topology} ({args.mesh}), {how}: compiled in "
           f"{time.perf_counter() - t0:.0f}s; per chip: arguments {m.argument_size_in_bytes / GiB:.2f} GiB "

@@ -221,22 +221,28 @@ def _compile_train(config: K2Config, mesh, batch: int, seq: int, microbatches: i
     return compiled, time.perf_counter() - t0, trainer
 
 
-def _optimizer_cost(trainer, chip: Chip) -> tuple[float, float]:
-    """(per-chip FLOPs, seconds) of a Trainer's optimizer update alone (gradients in, new params and state out)."""
+def compile_optimizer(trainer, tx=None):
+    """A Trainer's optimizer update alone (gradients in, new params and state out; params and state donated),
+    compiled for its mesh; `tx` replaces the Trainer's transform (same state structure)."""
     import optax
 
+    tx = tx or trainer.tx
     state = trainer.abstract_state()
-    mesh = trainer.mesh
 
     def update(params, opt_state, grads):
-        updates, opt_state = trainer.tx.update(grads, opt_state, params)
+        updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
     shardings = (trainer.param_shardings, trainer.opt_shardings)
-    with jax.set_mesh(mesh):
-        compiled = jax.jit(update, in_shardings=shardings + (trainer.param_shardings,),
-                           out_shardings=shardings).lower(state.params, state.opt_state, state.params).compile()
-    return _cost(compiled, chip)
+    with jax.set_mesh(trainer.mesh):
+        return _compile_or_oom(jax.jit(update, in_shardings=shardings + (trainer.param_shardings,),
+                                       out_shardings=shardings, donate_argnums=(0, 1))
+                               .lower(state.params, state.opt_state, state.params))
+
+
+def _optimizer_cost(trainer, chip: Chip) -> tuple[float, float]:
+    """(per-chip FLOPs, seconds) of a Trainer's optimizer update alone."""
+    return _cost(compile_optimizer(trainer), chip)
 
 
 def _cost(compiled, chip: Chip) -> tuple[float, float]:
@@ -272,8 +278,7 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
     if flops_batch is None:
         from k2jax.sharding import ShardingRules
 
-        spec = ShardingRules().for_training().spec(("batch",), mesh)[0]
-        shards = math.prod(mesh.shape[a] for a in _axes(spec))
+        shards = math.prod(mesh.shape.get(a, 1) for a in ShardingRules().for_training().mesh_axes("batch"))
         flops_batch = shards if micro % shards == 0 else micro
     if flops_batch <= 0 or micro % flops_batch:
         raise ValueError(f"--flops_batch={flops_batch} does not divide the microbatch of {micro} sequences")
@@ -308,11 +313,6 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
                   mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, flops * len(devices),
                   analytic_train_flops(config, batch * seq, seq), seconds, batch * seq, secs,
                   collective_bytes(compiled.as_text()), opt * len(devices))
-
-
-def _axes(entry) -> tuple[str, ...]:
-    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def compile_decode(config: K2Config, topology: str, mesh_spec: str, *, batch: int, context: int,
