@@ -1,7 +1,15 @@
 """Decode tokens/s of configs/small.py at batch 1 and 8: k2jax vs transformers generate (same weights), and
 the bytes of weights + cache read per token over the host's memory bandwidth (a large numpy copy).
 
-    python benchmarks/decode.py [--new 32 --prompt 64 --batches 1,8 --set moe_impl=blocks]
+    python benchmarks/decode.py [--new 32 --prompt 64 --batches 1,8 --set moe_impl=gather] [--malloc host]
+
+Both run in this one process, timed over the whole `generate` (prefill + new tokens). `--malloc host` re-executes
+with k2jax.runtime.HOST_MALLOC_ENV first (the glibc settings `k2jax-generate` runs with on a CPU host), which then
+apply to transformers as well.
+
+Bytes per decode step: every weight a step reads once (shared by the batch): attention, dense and shared MLPs,
+router, lm_head, one embedding row per sequence, and per MoE layer the distinct routed experts the batch picks,
+E·(1 - (1 - k/E)^b) of them under balanced routing (k at batch 1); plus each sequence's cache.
 """
 
 import argparse
@@ -21,8 +29,13 @@ def main():
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--set", action="append", default=[], help="config override key=value, e.g. moe_impl=blocks")
+    p.add_argument("--set", action="append", default=[], help="config override key=value, e.g. moe_impl=gather")
+    p.add_argument("--malloc", choices=("default", "host"), default="default")
     args = p.parse_args()
+    if args.malloc == "host":
+        from k2jax.runtime import reexec_with_host_malloc
+
+        reexec_with_host_malloc()
     import torch
 
     import k2jax
@@ -30,6 +43,9 @@ def main():
     from k2jax.config import override
 
     config = k2jax.load_config(args.config)
+    malloc = " ".join(f"{k}={v}" for k, v in __import__("k2jax.runtime").runtime.HOST_MALLOC_ENV.items())
+    print(f"config {args.config}, prompts of {args.prompt} tokens, {args.new} new, malloc "
+          f"{'host (' + malloc + ')' if args.malloc == 'host' else 'default'} {' '.join(args.set)}")
     with tempfile.TemporaryDirectory() as d:
         torch_model = build_hf_model(config, d)
         sets = dict(kv.split("=", 1) for kv in args.set)
@@ -42,7 +58,11 @@ def main():
         np.copyto(b, a)
     bandwidth = 2 * a.nbytes * 5 / (time.perf_counter() - t0)  # bytes read + written per second
     del a, b
-    total, active = k2jax.param_count(config)
+    c = config
+    _, active = k2jax.param_count(c)
+    expert = 3 * c.hidden_size * c.moe_intermediate_size
+    n_moe = c.num_hidden_layers - c.first_k_dense_replace
+    fixed = active - c.vocab_size * c.hidden_size - n_moe * c.num_experts_per_tok * expert  # all but embed, experts
     rng = np.random.default_rng(0)
     for batch in map(int, args.batches.split(",")):
         prompts = [rng.integers(0, config.vocab_size - 300, args.prompt).tolist() for _ in range(batch)]
@@ -55,15 +75,15 @@ def main():
         t0 = time.perf_counter()
         torch_model.generate(ids, do_sample=False, max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0)
         torch_s = time.perf_counter() - t0
-        # per decode step: every active weight read once per step (shared by the batch) + the cache of each row
         ctx = args.prompt + args.new // 2
-        cache = config.num_hidden_layers * ctx * (config.kv_lora_rank + config.qk_rope_head_dim) * 4 * batch
-        step_bytes = active * 4 + cache
+        cache = c.num_hidden_layers * ctx * (c.kv_lora_rank + c.qk_rope_head_dim) * 4 * batch
+        distinct = c.n_routed_experts * (1 - (1 - c.num_experts_per_tok / c.n_routed_experts) ** batch)
+        step_bytes = 4 * (fixed + batch * c.hidden_size + n_moe * distinct * expert) + cache
         per_tok = jax_s / args.new
         print(f"batch {batch}: k2jax {batch * args.new / jax_s:7.1f} tok/s, transformers "
               f"{batch * args.new / torch_s:7.1f} tok/s, ratio {torch_s / jax_s:.2f}x; "
-              f"{step_bytes / per_tok / 1e9:.2f} GB/s of weights+cache = {step_bytes / per_tok / bandwidth:.0%} of "
-              f"the measured {bandwidth / 1e9:.1f} GB/s copy bandwidth")
+              f"{step_bytes / 1e6:.0f} MB read per step, {step_bytes / per_tok / 1e9:.2f} GB/s = "
+              f"{step_bytes / per_tok / bandwidth:.0%} of the measured {bandwidth / 1e9:.1f} GB/s copy bandwidth")
 
 
 if __name__ == "__main__":

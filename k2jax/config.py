@@ -10,7 +10,7 @@ import os
 from typing import Any, Mapping
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe", "save_moe_attn")
-MOE_IMPLS = ("auto", "blocks", "ragged", "gather")
+MOE_IMPLS = ("auto", "blocks", "ragged", "loop", "gather")
 DTYPES = ("float32", "bfloat16")
 
 

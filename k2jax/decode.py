@@ -64,6 +64,11 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array, p: SamplingParams) -> ja
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
+def _depth(layers) -> int:
+    """Number of layers in a stacked layer state."""
+    return jax.tree.leaves(layers)[0].shape[0]
+
+
 def _quantize(x):
     scale = jnp.maximum(jnp.abs(x).max(-1, keepdims=True), 1e-8) / 127.0
     return jnp.round(x / scale).astype(jnp.int8), scale.astype(jnp.float32)
@@ -101,18 +106,23 @@ class Sampler:
     # ------------------------------------------------------------------ layers
     @staticmethod
     def _stacks(module):
-        """(name, graphdef, stacked layer state) of each layer stack the model has."""
+        """(name, graphdef, stacked layer state, the routed kernels of every layer or None) of each stack.
+
+        The scans below hand each MoE layer the stacked kernels and its index, so that only the chosen experts
+        are read (in place); the scan's own slice of them goes unused and is not computed.
+        """
         for name in ("dense_layers", "moe_layers"):
             stack = getattr(module, name)
             if stack is not None:
-                yield (name, *nnx.split(stack))
+                kernels = (stack.mlp.wg[...], stack.mlp.wu[...], stack.mlp.wd[...]) if name == "moe_layers" else None
+                yield (name, *nnx.split(stack), kernels)
 
     def _embed(self, module, tokens):
         return jnp.take(module.embed[...], tokens, axis=0).astype(dtype_of(self.config.dtype))
 
-    def _ffn(self, blk, h):
+    def _ffn(self, blk, h, kernels, layer):
         if blk.is_moe:
-            return blk.mlp(blk.mlp_norm(h))[0]
+            return blk.mlp(blk.mlp_norm(h), stacked=(*kernels, layer))[0]
         return blk.mlp(blk.mlp_norm(h))
 
     def _prefill_fn(self, state, tokens_bt, max_len: int):
@@ -124,18 +134,19 @@ class Sampler:
         x = self._embed(module, tokens_bt)
         mask = attention_mask(None, t)
         cache = {}
-        for name, graphdef, layers in self._stacks(module):
+        for name, graphdef, layers, kernels in self._stacks(module):
 
-            def body(h, layer_state, graphdef=graphdef):
+            def body(h, inp, graphdef=graphdef, kernels=kernels):
+                layer_state, layer = inp
                 blk = nnx.merge(graphdef, layer_state)
                 q_nope, q_rope, lat, kr = blk.attn.project(blk.attn_norm(h), cos, sin)
                 out, _ = blk.attn.attend_expanded(q_nope, q_rope, lat, kr, mask)
                 h = h + out
-                h = h + self._ffn(blk, h)
+                h = h + self._ffn(blk, h, kernels, layer)
                 pad = ((0, 0), (0, max_len - t), (0, 0))
                 return h, (jnp.pad(lat, pad), jnp.pad(kr, pad))
 
-            x, (lat, kr) = jax.lax.scan(body, x, layers)
+            x, (lat, kr) = jax.lax.scan(body, x, (layers, jnp.arange(_depth(layers))))
             cache[name] = self._cache_entry(lat, kr)
         return module.final_norm(x), cache
 
@@ -156,10 +167,10 @@ class Sampler:
         cos, sin = rope_cos_sin(pos_b[:, None], self.inv_freq, self.attn_factor)
         x = self._embed(module, tokens_b[:, None])
         new_cache = {}
-        for name, graphdef, layers in self._stacks(module):
+        for name, graphdef, layers, kernels in self._stacks(module):
 
-            def body(h, inp, graphdef=graphdef):
-                layer_state, entry = inp
+            def body(h, inp, graphdef=graphdef, kernels=kernels):
+                layer_state, entry, layer = inp
                 blk = nnx.merge(graphdef, layer_state)
                 q_nope, q_rope, lat, kr = blk.attn.project(blk.attn_norm(h), cos, sin)
                 rows = jnp.arange(b)
@@ -176,9 +187,9 @@ class Sampler:
                 out = blk.attn.attend_absorbed(q_nope, q_rope, self._load(entry, "latent"),
                                                self._load(entry, "k_rope"), mask)
                 h = h + out
-                return h + self._ffn(blk, h), entry
+                return h + self._ffn(blk, h, kernels, layer), entry
 
-            x, new_cache[name] = jax.lax.scan(body, x, (layers, cache[name]))
+            x, new_cache[name] = jax.lax.scan(body, x, (layers, cache[name], jnp.arange(_depth(layers))))
         logits = module.logits_from_hidden(module.final_norm(x))[:, 0]
         return logits, new_cache
 

@@ -1,5 +1,8 @@
 """Decoding with the absorbed latent cache: HF greedy parity, per-step logits, sampling controls, errors."""
 
+import math
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -117,3 +120,28 @@ def test_string_prompts_with_tokenizer(model, small_tokenizer):
     m = k2jax.Model(model.config, model.graphdef, model.state, model.mesh, model.rules).attach_tokenizer(small_tokenizer)
     out = m.generate(["Hello world", "def f(x):"], max_new_tokens=5, stop=[])
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
+
+
+def test_decode_reads_each_chosen_expert_in_place(model, prompts):
+    """The compiled prefill and decode step never hold more than one expert's kernel at a time: no layer's
+    [e, d, f] experts sliced out of the stack, no [t, k, d, f] gather of every assignment's kernels."""
+    c = model.config
+    d, f = c.hidden_size, c.moe_intermediate_size
+    sampler = model.sampler()
+    max_len = sampler.check_request(prompts, 4)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens = np.zeros((len(prompts), lengths.max()), np.int32)
+    _, cache, _ = sampler.prefill(prompts, max_len)
+    with jax.set_mesh(model.mesh):
+        compiled = {
+            "prefill": sampler._jit_prefill.lower(model.state, tokens, lengths, max_len).compile(),
+            "decode": sampler.jit_decode_step.lower(model.state, cache, lengths, lengths).compile()}
+    for name, exe in compiled.items():
+        copies = []
+        for line in exe.as_text().splitlines():
+            found = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]\S* ([\w-]+)\(", line)
+            if found and found.group(2) not in ("parameter", "get-tuple-element", "bitcast"):  # aliases, not copies
+                dims = [int(v) for v in found.group(1).split(",")]
+                if dims[-2:] in ([d, f], [f, d]) and math.prod(dims[:-2]) > 1:
+                    copies.append(line.strip()[:160])
+        assert not copies, (name, copies)

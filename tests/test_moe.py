@@ -63,7 +63,7 @@ def test_moe_layer_flops_near_ideal(tiny_config):
     assert 1.0 <= ratio <= 1.25, ratio
 
 
-@pytest.mark.parametrize("impl, block", [("blocks", 0), ("blocks", 8), ("ragged", 0), ("gather", 0)])
+@pytest.mark.parametrize("impl, block", [("blocks", 0), ("blocks", 8), ("ragged", 0), ("gather", 0), ("loop", 0)])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_moe_matches_float64_reference(tiny_config, impl, block, grouped):
     c = tiny_config.replace(moe_impl=impl, moe_block_size=block, **(GROUPED if grouped else {}))
@@ -92,8 +92,8 @@ def test_skewed_routing_is_dropless_under_expert_parallelism(tiny_config, layout
 
 
 def test_expert_ffn_gradients_agree_across_impls(tiny_config):
-    """ragged (custom VJP, groups padded only backward), blocks (custom VJP) and gather: same gradients (inputs,
-    routing weights, expert weights)."""
+    """ragged (custom VJP, groups padded only backward), blocks (custom VJP), loop and gather: same gradients
+    (inputs, routing weights, expert weights)."""
     from k2jax.layers.grouped import expert_ffn
 
     c = tiny_config
@@ -109,9 +109,38 @@ def test_expert_ffn_gradients_agree_across_impls(tiny_config):
         return jax.grad(loss, (0, 1, 2, 3, 4))(x, w, *ws)
 
     ref = grads("gather")
-    for impl in ("ragged", "blocks"):
+    for impl in ("ragged", "blocks", "loop"):
         for a, b in zip(grads(impl), ref):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()), err_msg=impl)
+
+
+@pytest.mark.parametrize("impl", ["loop", "gather", "blocks", "ragged"])
+def test_stacked_kernels_read_at_a_layer_equal_that_layers_kernels(tiny_config, impl):
+    """expert_ffn over kernels stacked on a leading layer axis, given a (traced) layer index, equals expert_ffn
+    over that layer's own kernels; ids of other shards' experts (outside [0, e)) contribute nothing."""
+    from k2jax.layers.grouped import expert_ffn
+
+    c = tiny_config
+    rng = np.random.default_rng(6)
+    n_layers, e, d, f, k = 3, c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
+    x = jnp.asarray(rng.normal(size=(6, d)), jnp.float32)
+    idx = np.stack([rng.choice(e, k, replace=False) for _ in range(6)]).astype(np.int32)
+    idx[0, 0], idx[3, 2] = e + 2, -1  # not on this shard
+    w = jnp.asarray(rng.random((6, k)), jnp.float32)
+    stacks = [jnp.asarray(rng.normal(size=(n_layers,) + s) / 8, jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    run = jax.jit(lambda layer, *ws: expert_ffn(x, jnp.asarray(idx), w, *ws, impl=impl, block_size=4, layer=layer))
+    for layer in range(n_layers):
+        want = expert_ffn(x, jnp.asarray(idx), w, *(s[layer] for s in stacks), impl=impl, block_size=4)
+        np.testing.assert_allclose(run(jnp.int32(layer), *stacks), want, rtol=1e-5, atol=1e-6)
+    x64, w64, s64 = np.asarray(x, np.float64), np.asarray(w, np.float64), [np.asarray(s, np.float64) for s in stacks]
+    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    ref = np.zeros_like(x64)
+    for t in range(6):
+        for j in range(k):
+            if 0 <= idx[t, j] < e:
+                g, u, dn = (s[2, idx[t, j]] for s in s64)  # layer 2's kernels
+                ref[t] += w64[t, j] * (silu(x64[t] @ g) * (x64[t] @ u)) @ dn
+    np.testing.assert_allclose(run(jnp.int32(2), *stacks), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_save_moe_remat_recomputes_no_expert_matmul(tiny_config):

@@ -7,9 +7,15 @@ Two formulations with the same result:
 - "blocks": rows sorted by expert, each expert's group padded to a multiple of a row block, and a loop over
   the blocks, each multiplying by its expert's weights read in place (near-ideal on CPU: padding < 1 block
   per expert, and blocks past the last used one are skipped at run time);
-- "gather": each (token, expert) assignment gathers its expert's weights and multiplies them directly. For
-  decode-sized token counts (assignments <= experts) this reads only the chosen experts with no sorting or
-  loop, which is what "auto" picks on CPU there.
+- "loop": one (token, expert) assignment at a time, in expert order, each reading its expert's kernels in
+  place. For decode-sized token counts (assignments <= experts) an iteration's working set (one expert's
+  3·d·f values) stays in cache, so the chosen experts go through memory once; "auto" picks it on CPU there;
+- "gather": every assignment's kernels gathered into one [t, k, d, f] array and multiplied at once (vectorised;
+  at batch 8 on CPU the gathered copy costs ~3x the loop, docs/decode.md).
+
+Every path takes the kernels either of one layer ([e, d, f]) or stacked over layers ([layers, e, d, f]) with
+`layer`, the index of the layer to use: decoding scans over layers and reads each expert in place that way,
+where slicing the layer out first would copy all its experts (3·e·d·f values) every step.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 
 def resolve_impl(impl: str, rows: int = 0, n_groups: int = 0) -> str:
-    """'auto' -> 'gather' for decode-sized row counts (rows <= n_groups) on CPU, else 'blocks' on every backend.
+    """'auto' -> 'loop' for decode-sized row counts (rows <= n_groups) on CPU, else 'blocks' on every backend.
 
     'ragged' stays available but is not the default for training: the TPU compiler (libtpu 0.0.42) costs the
     weight gradient of ragged_dot as a dense product over every group (4.97x the ideal MoE FLOPs forward +
@@ -31,19 +37,52 @@ def resolve_impl(impl: str, rows: int = 0, n_groups: int = 0) -> str:
     """
     if impl != "auto":
         return impl
-    return "gather" if rows <= n_groups and jax.default_backend() == "cpu" else "blocks"
+    return "loop" if rows <= n_groups and jax.default_backend() == "cpu" else "blocks"
 
 
-def _gather_swiglu(x_td, idx_tk, w_tk, wg_edf, wu_edf, wd_efd):
+def _kernel(w, layer, e):
+    """Expert e's kernel read in place from w [e, ...], or from w [layers, e, ...] at `layer`."""
+    return w[e] if layer is None else w[layer, e]
+
+
+def _gather_swiglu(x_td, idx_tk, w_tk, wg, wu, wd, layer=None):
     """sum_k w[t,k]·SwiGLU_{idx[t,k]}(x[t]) with each assignment's expert weights gathered: [t,d] -> [t,d]."""
-    n_exp, dtype = wg_edf.shape[0], x_td.dtype
+    n_exp, dtype = wg.shape[0 if layer is None else 1], x_td.dtype
     valid = (idx_tk >= 0) & (idx_tk < n_exp)
     e_tk = jnp.clip(idx_tk, 0, n_exp - 1)
-    g = jnp.einsum("td,tkdf->tkf", x_td, wg_edf[e_tk], preferred_element_type=dtype)
-    u = jnp.einsum("td,tkdf->tkf", x_td, wu_edf[e_tk], preferred_element_type=dtype)
-    y_tkd = jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(g) * u, wd_efd[e_tk], preferred_element_type=dtype)
+    g = jnp.einsum("td,tkdf->tkf", x_td, _kernel(wg, layer, e_tk), preferred_element_type=dtype)
+    u = jnp.einsum("td,tkdf->tkf", x_td, _kernel(wu, layer, e_tk), preferred_element_type=dtype)
+    y_tkd = jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(g) * u, _kernel(wd, layer, e_tk), preferred_element_type=dtype)
     w = jnp.where(valid, w_tk, 0.0).astype(dtype)
     return jnp.einsum("tkd,tk->td", y_tkd, w)
+
+
+def _loop_swiglu(x_td, idx_tk, w_tk, wg, wu, wd, layer=None):
+    """sum_k w[t,k]·SwiGLU_{idx[t,k]}(x[t]), one assignment per iteration in expert order: [t,d] -> [t,d].
+
+    Each iteration reads its expert's kernels in place and multiplies one row; consecutive assignments of one
+    expert find its kernels in cache. Ids outside [0, e) (other shards' experts) are skipped.
+    """
+    t, k = idx_tk.shape
+    n_exp, dtype = wg.shape[0 if layer is None else 1], x_td.dtype
+    flat = idx_tk.reshape(-1)
+    order = jnp.argsort(flat)
+    w_flat = w_tk.reshape(-1).astype(dtype)
+
+    def body(i, y_td):
+        a = order[i]
+        tok, e = a // k, flat[a]
+
+        def add(y):
+            x_1d = jax.lax.dynamic_slice_in_dim(x_td, tok, 1)
+            g = jnp.dot(x_1d, _kernel(wg, layer, e), preferred_element_type=dtype)
+            u = jnp.dot(x_1d, _kernel(wu, layer, e), preferred_element_type=dtype)
+            out = jnp.dot(jax.nn.silu(g) * u, _kernel(wd, layer, e), preferred_element_type=dtype) * w_flat[a]
+            return jax.lax.dynamic_update_slice_in_dim(y, jax.lax.dynamic_slice_in_dim(y, tok, 1) + out, tok, 0)
+
+        return jax.lax.cond((e >= 0) & (e < n_exp), add, lambda y: y, y_td)
+
+    return jax.lax.fori_loop(0, t * k, body, jnp.zeros_like(x_td))
 
 
 def block_size_for(rows: int, n_groups: int, requested: int = 0) -> int:
@@ -119,10 +158,15 @@ def block_swiglu(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unro
     accumulates the weight gradients block by block into [e, d, f]. The routing weights r [n, b] are applied
     inside, so their gradient comes from the backward's dh·h and the unweighted rows [n, b, d] are never kept.
     """
+    return _blocks_forward(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll)
+
+
+def _blocks_forward(x_nbd, r_nb, wg, wu, wd, block_expert, n_used, unroll=1, layer=None):
+    """block_swiglu's value, not differentiable for stacked kernels (wg [layers, e, d, f] read at `layer`)."""
     def fn(carry, i, x, r, e):
-        g = jnp.dot(x, wg_edf[e], preferred_element_type=x.dtype)
-        u = jnp.dot(x, wu_edf[e], preferred_element_type=x.dtype)
-        return carry, jnp.dot(jax.nn.silu(g) * u * r[:, None], wd_efd[e], preferred_element_type=x.dtype)
+        g = jnp.dot(x, _kernel(wg, layer, e), preferred_element_type=x.dtype)
+        u = jnp.dot(x, _kernel(wu, layer, e), preferred_element_type=x.dtype)
+        return carry, jnp.dot(jax.nn.silu(g) * u * r[:, None], _kernel(wd, layer, e), preferred_element_type=x.dtype)
 
     return _scan_blocks(fn, n_used, (x_nbd, r_nb, block_expert), unroll=unroll)[1]
 
@@ -173,17 +217,24 @@ block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)
 
 
 def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.Array, wu_edf: jax.Array,
-               wd_efd: jax.Array, *, impl: str, block_size: int = 0, unroll: int = 1, capacity: int = 0) -> jax.Array:
+               wd_efd: jax.Array, *, impl: str, block_size: int = 0, unroll: int = 1, capacity: int = 0,
+               layer: jax.Array | None = None) -> jax.Array:
     """sum_k w[t,k] * SwiGLU_{idx[t,k]}(x[t]) -> [t, d]; ids outside [0, e) contribute nothing (other shards).
 
     capacity > 0 bounds the rows computed (assignments past it, in expert order, are dropped); 0 = dropless.
+    With `layer`, the kernels are stacked over layers ([layers, e, d, f]) and read at that layer in place
+    (inference only: no gradient for stacked kernels through 'blocks' or 'ragged').
     """
     t, k = idx_tk.shape
-    n_exp = wg_edf.shape[0]
+    n_exp = wg_edf.shape[0 if layer is None else 1]
     dtype = x_td.dtype
     impl = resolve_impl(impl, t * k, n_exp)
     if impl == "gather":
-        return _gather_swiglu(x_td, idx_tk, w_tk, wg_edf, wu_edf, wd_efd)
+        return _gather_swiglu(x_td, idx_tk, w_tk, wg_edf, wu_edf, wd_efd, layer)
+    if impl == "loop":
+        return _loop_swiglu(x_td, idx_tk, w_tk, wg_edf, wu_edf, wd_efd, layer)
+    if impl == "ragged" and layer is not None:  # ragged_dot takes one layer's [e, d, f]: sliced out (a copy)
+        wg_edf, wu_edf, wd_efd, layer = wg_edf[layer], wu_edf[layer], wd_efd[layer], None
     flat = idx_tk.reshape(-1)
     valid = (flat >= 0) & (flat < n_exp)
     key = jnp.where(valid, flat, n_exp)
@@ -213,7 +264,11 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
         block_expert = jnp.minimum(block_expert, n_exp - 1).astype(jnp.int32)
         n_used = padded_end[-1] // b
         r_nb = jnp.zeros((n_blocks * b,), dtype).at[dest].set(weight.astype(dtype), mode="drop")
-        y_nbd = block_swiglu(x_nbd, r_nb.reshape(n_blocks, b), wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll)
+        r_nb = r_nb.reshape(n_blocks, b)
+        if layer is None:
+            y_nbd = block_swiglu(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll)
+        else:
+            y_nbd = _blocks_forward(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll, layer)
         y_md = y_nbd.reshape(n_blocks * b, -1).at[dest].get(mode="fill", fill_value=0)
         return jnp.zeros_like(x_td).at[token].add(y_md)
     y_md = y_md * weight[:, None].astype(dtype)

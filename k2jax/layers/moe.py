@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from k2jax.layers.common import MLP, RouterBias, dtype_of, param
 from k2jax.layers.grouped import expert_ffn
@@ -32,11 +33,14 @@ class MoE(nnx.Module):
                        if c.n_shared_experts else None)
         self.config, self.rules, self.dtype = c, rules, dtype_of(c.dtype)
 
-    def __call__(self, x_btd: jax.Array, mask_bt: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    def __call__(self, x_btd: jax.Array, mask_bt: jax.Array | None = None, *,
+                 stacked: tuple | None = None) -> tuple[jax.Array, dict]:
         """MoE feed-forward of x [b, t, d]; stats: per-expert loads [e] and the sequence-wise balance loss.
 
         The balance loss (DeepSeek-V3's, before aux_loss_alpha) is summed over the batch's sequences; tokens
-        where mask_bt is 0 (padding) are left out of loads and loss.
+        where mask_bt is 0 (padding) are left out of loads and loss. `stacked=(wg, wu, wd, layer)`: the routed
+        kernels of every layer ([layers, e, d, f]) and this layer's index, used instead of this module's own
+        (inference over a scan of layers: each chosen expert is read in place, no layer's experts copied).
         """
         c = self.config
         b, t, d = x_btd.shape
@@ -44,10 +48,12 @@ class MoE(nnx.Module):
         idx, weights, scores = route(x_td, self.router[...], self.router_bias[...], top_k=c.num_experts_per_tok,
                                      n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
                                      scaling=c.routed_scaling_factor)
-        wg, wu, wd = (jnp.asarray(w[...], self.dtype) for w in (self.wg, self.wu, self.wd))
+        kernels, layer = ((self.wg[...], self.wu[...], self.wd[...]), None) if stacked is None else (
+            stacked[:3], stacked[3])
+        wg, wu, wd = (jnp.asarray(w, self.dtype) for w in kernels)
         y_td = routed_experts(x_td, idx, weights, wg, wu, wd, self.rules, impl=c.moe_impl,
                               block_size=c.moe_block_size, unroll=c.moe_block_unroll,
-                              capacity_factor=c.moe_capacity_factor)
+                              capacity_factor=c.moe_capacity_factor, layer=layer)
         if self.shared is not None:
             y_td = y_td + self.shared(x_td)
         mask = jnp.ones((b, t), jnp.float32) if mask_bt is None else mask_bt.astype(jnp.float32)
@@ -63,29 +69,32 @@ class MoE(nnx.Module):
 
 
 def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl: str, block_size: int = 0,
-                   unroll: int = 1, capacity_factor: float = 0.0):
+                   unroll: int = 1, capacity_factor: float = 0.0, layer: jax.Array | None = None):
     """Dropless routed-expert output [t, d]; on a mesh with expert/tensor axes the tokens travel, not weights.
 
     Each `expert` shard all-gathers the tokens (and their routing) of its expert group, computes the assignments
     of its local experts, and a reduce-scatter returns every token's sum to the shard that owns the token.
     The `tensor` axis splits each expert's hidden dim (partial sums are added with a psum). The buffer of
     rows a shard computes is the dropless worst case (every gathered token on its experts) unless
-    capacity_factor > 0 bounds it to that multiple of the balanced load.
+    capacity_factor > 0 bounds it to that multiple of the balanced load. With `layer`, the kernels are
+    stacked over layers ([layers, e, d, f]) and read at that index.
     """
     mesh = jax.sharding.get_abstract_mesh()
     ep = mesh.shape.get("expert", 1) if not mesh.empty else 1
     tp = mesh.shape.get("tensor", 1) if not mesh.empty else 1
     if ep == 1 and tp == 1:
-        return expert_ffn(x_td, idx_tk, w_tk, wg, wu, wd, impl=impl, block_size=block_size, unroll=unroll)
+        return expert_ffn(x_td, idx_tk, w_tk, wg, wu, wd, impl=impl, block_size=block_size, unroll=unroll,
+                          layer=layer)
+    lead = () if layer is None else ("layers",)
     tok = rules.spec(("batch", None), mesh)
-    w_in = rules.spec(("experts", None, "expert_mlp"), mesh)
-    w_out = rules.spec(("experts", "expert_mlp", None), mesh)
-    n_local = wg.shape[0] // ep
+    w_in = rules.spec(lead + ("experts", None, "expert_mlp"), mesh)
+    w_out = rules.spec(lead + ("experts", "expert_mlp", None), mesh)
+    n_local = wg.shape[len(lead)] // ep
     split = "expert" in jax.tree.leaves(tuple(tok))  # are tokens split over the expert axis, or replicated?
 
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok,
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out, P()), out_specs=tok,
                        check_vma=False)
-    def local(x, idx, w, g, u, dn):
+    def local(x, idx, w, g, u, dn, layer):
         if ep > 1 and split:
             x = jax.lax.all_gather(x, "expert", axis=0, tiled=True)
             idx = jax.lax.all_gather(idx, "expert", axis=0, tiled=True)
@@ -93,7 +102,8 @@ def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl
         if ep > 1:
             idx = idx - jax.lax.axis_index("expert") * n_local
         cap = int(capacity_factor * idx.size / ep) if capacity_factor > 0 else 0
-        y = expert_ffn(x, idx, w, g, u, dn, impl=impl, block_size=block_size, unroll=unroll, capacity=cap)
+        y = expert_ffn(x, idx, w, g, u, dn, impl=impl, block_size=block_size, unroll=unroll, capacity=cap,
+                       layer=layer)
         if tp > 1:
             y = jax.lax.psum(y, "tensor")
         if ep > 1:
@@ -101,4 +111,4 @@ def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl
                  else jax.lax.psum(y, "expert"))
         return y
 
-    return local(x_td, idx_tk, w_tk, wg, wu, wd)
+    return local(x_td, idx_tk, w_tk, wg, wu, wd, layer)
