@@ -167,29 +167,31 @@ class Sampler:
         cos, sin = rope_cos_sin(pos_b[:, None], self.inv_freq, self.attn_factor)
         x = self._embed(module, tokens_b[:, None])
         new_cache = {}
+        rows = jnp.arange(b)
         for name, graphdef, layers, kernels in self._stacks(module):
 
-            def body(h, inp, graphdef=graphdef, kernels=kernels):
-                layer_state, entry, layer = inp
+            def body(carry, inp, graphdef=graphdef, kernels=kernels):
+                # the stacked cache is carried and written in place (one token per row); scanning over it and
+                # returning each layer's entry would rewrite the whole cache every step
+                h, stack = carry
+                layer_state, layer = inp
                 blk = nnx.merge(graphdef, layer_state)
                 q_nope, q_rope, lat, kr = blk.attn.project(blk.attn_norm(h), cos, sin)
-                rows = jnp.arange(b)
                 lat_q, lat_s = self._store(lat[:, 0])
                 kr_q, kr_s = self._store(kr[:, 0])
-                entry = dict(entry)
-                entry["latent"] = entry["latent"].at[rows, pos_b].set(lat_q)
-                entry["k_rope"] = entry["k_rope"].at[rows, pos_b].set(kr_q)
+                new = {"latent": lat_q, "k_rope": kr_q}
                 if lat_s is not None:
-                    entry["latent_scale"] = entry["latent_scale"].at[rows, pos_b].set(lat_s)
-                    entry["k_rope_scale"] = entry["k_rope_scale"].at[rows, pos_b].set(kr_s)
+                    new.update(latent_scale=lat_s, k_rope_scale=kr_s)
+                stack = {k: v.at[layer, rows, pos_b].set(new[k]) for k, v in stack.items()}
+                entry = {k: v[layer] for k, v in stack.items()}
                 s = entry["latent"].shape[1]
                 mask = (jnp.arange(s)[None, :] <= pos_b[:, None])[:, None, None, :]
                 out = blk.attn.attend_absorbed(q_nope, q_rope, self._load(entry, "latent"),
                                                self._load(entry, "k_rope"), mask)
                 h = h + out
-                return h + self._ffn(blk, h, kernels, layer), entry
+                return (h + self._ffn(blk, h, kernels, layer), stack), None
 
-            x, new_cache[name] = jax.lax.scan(body, x, (layers, cache[name], jnp.arange(_depth(layers))))
+            (x, new_cache[name]), _ = jax.lax.scan(body, (x, cache[name]), (layers, jnp.arange(_depth(layers))))
         logits = module.logits_from_hidden(module.final_norm(x))[:, 0]
         return logits, new_cache
 
