@@ -1,12 +1,18 @@
 """Train-step tokens/s of configs/small.py: k2jax (jit, AdamW) vs a plain PyTorch AdamW step of the HF
 reference model on the same weights and batch, and the analytic 6·active·tokens + attention rate.
 
-    python benchmarks/train_small.py [--batch 4 --seq 256 --steps 5 --set moe_block_size=64] [--malloc host]
+    python benchmarks/train_small.py [--batch 4 --seq 256 --steps 8 --set moe_block_size=64] [--malloc host]
 
 The HF checkpoint is written once; each framework then runs in a process of its own (the other one neither
-imported nor holding memory), a warm-up step and then `--steps` timed steps, compared by their medians.
+imported nor holding memory), `--warmup` untimed steps and then `--steps` timed steps, compared by their medians.
+Three warm-up steps by default: a process's first steps fault its working set in (k2jax's first two timed steps
+after a single warm-up took ~9 s against ~5 s, with 536k minor page faults each, ~7 µs per fault on this VM),
+which a training run pays once; the page faults of every timed step are printed.
 `--malloc host` runs both processes with k2jax.runtime.HOST_MALLOC_ENV (the glibc settings `k2jax-train` uses on
 CPU); `default` keeps the environment's own.
+
+The machine's peak float32 GEMM rate (an lm_head-sized matmul) is measured first: the analytic count over it
+is a lower bound on any implementation's step time.
 
 The compiled step's FLOPs come from 2- and 3-layer builds with every loop unrolled (XLA's cost analysis
 counts a loop body once), extrapolated to the preset's depth, against 6·active·tokens + causal attention.
@@ -31,14 +37,32 @@ def _batch(config, args):
             "positions": np.tile(np.arange(args.seq, dtype=np.int32), (args.batch, 1))}
 
 
-def _time(step, n):
-    step()  # warm-up (compiles k2jax)
+def _time(step, n, faults=None, warmup=1):
+    """n timed calls after `warmup` untimed ones (the first compiles k2jax); `faults` gets each timed call's minor
+    page faults."""
+    import resource
+
+    for _ in range(warmup):
+        step()
     times = []
     for _ in range(n):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+        if faults is not None:
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     return times
+
+
+def _peak_gemm_rate():
+    """FLOP/s of the fastest of 5 jitted [1024, 768] x [768, 32768] float32 matmuls (the lm_head's shape)."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = jnp.ones((1024, 768), jnp.float32), jnp.ones((768, 32768), jnp.float32)
+    mm = jax.jit(lambda a, b: a @ b)
+    return 2 * 1024 * 768 * 32768 / min(_time(lambda: jax.block_until_ready(mm(a, b)), 5))
 
 
 def run_k2jax(config, sets, args):
@@ -60,7 +84,8 @@ def run_k2jax(config, sets, args):
         box[0], m = trainer.step(box[0], batch)
         jax.block_until_ready(m)
 
-    out = {"times": _time(step, args.steps)}
+    faults = []
+    out = {"times": _time(step, args.steps, faults, args.warmup), "faults": faults}
     if not args.no_flops:
         counted = {}
         for n in (2, 3):
@@ -87,7 +112,8 @@ def run_torch(config, args):
         model(ids, labels=ids).loss.backward()
         opt.step()
 
-    return {"times": _time(step, args.steps)}
+    faults = []
+    return {"times": _time(step, args.steps, faults, args.warmup), "faults": faults}
 
 
 def main():
@@ -95,7 +121,8 @@ def main():
     p.add_argument("--config", default="small")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, first-touch faults)")
     p.add_argument("--malloc", choices=("default", "host"), default="default")
     p.add_argument("--set", action="append", default=["moe_block_size=64"], help="config override key=value")
     p.add_argument("--vocab_chunk", type=int, default=0, help="0: the whole vocabulary in one chunk")
@@ -118,6 +145,7 @@ def main():
     from conftest import build_hf_model
     from k2jax.train import analytic_train_flops
 
+    peak = _peak_gemm_rate()  # measured before either framework's process starts
     env = {**os.environ, **HOST_MALLOC_ENV} if args.malloc == "host" else dict(os.environ)
     results = {}
     with tempfile.TemporaryDirectory() as d:
@@ -125,6 +153,7 @@ def main():
         for fw in ("k2jax", "torch"):
             cmd = [sys.executable, os.path.abspath(__file__), "--only", fw, "--hf_dir", d, "--config", args.config,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup),
                    "--vocab_chunk", str(args.vocab_chunk)] + [f"--set={kv}" for kv in args.set] + (
                       ["--no_flops"] if args.no_flops else [])
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -138,10 +167,14 @@ def main():
     fmt = lambda ts: " ".join(f"{t:.2f}" for t in ts)  # noqa: E731
     malloc = "host (" + " ".join(f"{k}={v}" for k, v in HOST_MALLOC_ENV.items()) + ")" if args.malloc == "host" else "default"
     print(f"config {args.config}, batch {args.batch} x {args.seq}, {' '.join(args.set)}, malloc {malloc}")
-    print(f"k2jax train step:   {n / jax_s:8,.0f} tokens/s (median {jax_s:.2f} s of {fmt(results['k2jax']['times'])})")
-    print(f"PyTorch train step: {n / torch_s:8,.0f} tokens/s (median {torch_s:.2f} s of {fmt(results['torch']['times'])})")
+    for fw, label, t in (("k2jax", "k2jax train step:  ", jax_s), ("torch", "PyTorch train step:", torch_s)):
+        r = results[fw]
+        print(f"{label} {n / t:8,.0f} tokens/s (median {t:.2f} s of {fmt(r['times'])}; minor page faults per step "
+              f"{' '.join(str(f) for f in r['faults'])})")
     print(f"ratio k2jax / PyTorch = {torch_s / jax_s:.2f}x")
-    print(f"analytic FLOPs/step {flops:.4e} -> k2jax {flops / jax_s / 1e9:.1f} GFLOP/s")
+    print(f"analytic FLOPs/step {flops:.4e} -> k2jax {flops / jax_s / 1e9:.1f} GFLOP/s, PyTorch "
+          f"{flops / torch_s / 1e9:.1f}; 2x PyTorch needs {2 * flops / torch_s / 1e9:.0f} GFLOP/s, this machine's "
+          f"peak float32 GEMM (lm_head-sized, [1024, 768] x [768, 32768]) is {peak / 1e9:.0f} GFLOP/s")
     if "compiled_flops" in results["k2jax"]:
         compiled = results["k2jax"]["compiled_flops"]
         print(f"compiled FLOPs/step {compiled:.4e} (2-/3-layer unrolled builds, extrapolated) = "
