@@ -1,9 +1,9 @@
 """Decode tokens/s of configs/small.py at batch 1 and 8: k2jax vs transformers generate (same weights), and
 the bytes of weights + cache read per token over the host's memory bandwidth (a large numpy copy).
 
-    python benchmarks/decode.py [--new 32 --prompt 64 --batches 1,8 --set moe_impl=gather] [--malloc host]
+    python benchmarks/decode.py [--new 32 --prompt 64 --batches 1,8 --repeat 3 --set moe_impl=gather] [--malloc host]
 
-Both run in this one process, timed over the whole `generate` (prefill + new tokens). `--malloc host` re-executes
+Both run in this one process, timed over the whole `generate` (prefill + new tokens), the median of `--repeat` calls. `--malloc host` re-executes
 with k2jax.runtime.HOST_MALLOC_ENV first (the glibc settings `k2jax-generate` runs with on a CPU host), which then
 apply to transformers as well.
 
@@ -33,6 +33,7 @@ def main():
     p.add_argument("--batches", default="1,8")
     p.add_argument("--set", action="append", default=[], help="config override key=value, e.g. moe_impl=gather")
     p.add_argument("--malloc", choices=("default", "host"), default="default")
+    p.add_argument("--repeat", type=int, default=3, help="timed generate calls per framework (median)")
     args = p.parse_args()
     if args.malloc == "host":
         from k2jax.runtime import reexec_with_host_malloc
@@ -74,14 +75,11 @@ def main():
     for batch in map(int, args.batches.split(",")):
         prompts = [rng.integers(0, c.vocab_size - 300, args.prompt).tolist() for _ in range(batch)]
         model.generate(prompts, max_new_tokens=args.new, stop=[])  # compile
-        t0 = time.perf_counter()
-        model.generate(prompts, max_new_tokens=args.new, stop=[])
-        jax_s = time.perf_counter() - t0
+        jax_s = _median(lambda: model.generate(prompts, max_new_tokens=args.new, stop=[]), args.repeat)
         ids = torch.tensor(prompts)
         torch_model.generate(ids, do_sample=False, max_new_tokens=2, min_new_tokens=2, pad_token_id=0)
-        t0 = time.perf_counter()
-        torch_model.generate(ids, do_sample=False, max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0)
-        torch_s = time.perf_counter() - t0
+        torch_s = _median(lambda: torch_model.generate(ids, do_sample=False, max_new_tokens=args.new,
+                                                       min_new_tokens=args.new, pad_token_id=0), args.repeat)
         ctx = args.prompt + args.new // 2
         cache = c.num_hidden_layers * ctx * (c.kv_lora_rank + c.qk_rope_head_dim) * 4 * batch
         distinct = c.n_routed_experts * (1 - (1 - c.num_experts_per_tok / c.n_routed_experts) ** batch)
@@ -94,6 +92,16 @@ def main():
               f"{batch * args.new / torch_s:7.1f} tok/s, ratio {torch_s / jax_s:.2f}x; {step_bytes / 1e6:.0f} MB "
               f"read per decode step; the machine's bound: >= {bound_s:.3f} s for this request, i.e. at most "
               f"{torch_s / bound_s:.1f}x transformers (k2jax: {jax_s:.3f} s, {bound_s / jax_s:.0%} of that limit)")
+
+
+def _median(fn, n):
+    """Median wall time of n calls, in seconds."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def _best(fn, *args, n=5):

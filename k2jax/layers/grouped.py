@@ -94,6 +94,12 @@ def block_size_for(rows: int, n_groups: int, requested: int = 0) -> int:
     return int(min(512, max(8, 2 ** int(math.log2(target)))))
 
 
+def _inference_block(rows: int, n_groups: int) -> int:
+    """Rows per block without a backward pass: about one block per expert (each block reads its expert's
+    kernels again, and nothing is kept for a gradient), a power of two in [8, 512]."""
+    return int(min(512, max(8, 1 << max(0, math.ceil(math.log2(max(1, rows / max(1, n_groups))))))))
+
+
 def _swiglu_rows_plain(x_md, wg, wu, wd, gs):
     dtype = x_md.dtype
     g = jax.lax.ragged_dot(x_md, wg, gs, preferred_element_type=dtype)
@@ -250,7 +256,7 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
     if impl == "ragged":
         y_md = _swiglu_rows(x_md.astype(dtype), wg_edf, wu_edf, wd_efd, group_sizes)
     else:
-        b = block_size_for(m, n_exp, block_size)
+        b = block_size_for(m, n_exp, block_size) if layer is None else (block_size or _inference_block(m, n_exp))
         n_blocks = -(-m // b) + min(n_exp, m)
         padded = -(-group_sizes // b) * b
         padded_end = jnp.cumsum(padded)
