@@ -71,7 +71,7 @@ class K2Config:
     dtype: str = "bfloat16"
     scan_layers: bool = True
     remat_policy: str = "none"
-    moe_impl: str = "auto"
+    moe_impl: str = "auto"  # blocks (training, prefill) | ragged | loop (decode-sized token counts) | gather
     moe_block_size: int = 0  # rows per block of the CPU grouped matmul; 0 picks one from the token count
     moe_capacity_factor: float = 0.0  # >0: expert-parallel row buffers hold this x the balanced load (not dropless)
     moe_block_unroll: int = 1  # unroll of the loop over blocks; 0 unrolls fully (so cost_analysis counts every block)
