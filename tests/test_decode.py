@@ -122,9 +122,13 @@ def test_string_prompts_with_tokenizer(model, small_tokenizer):
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
 
 
-def test_decode_reads_each_chosen_expert_in_place(model, prompts):
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_decode_reads_each_chosen_expert_in_place(model, prompts, compute):
     """The compiled prefill and decode step never hold more than one expert's kernel at a time: no layer's
-    [e, d, f] experts sliced out of the stack, no [t, k, d, f] gather of every assignment's kernels."""
+    [e, d, f] experts sliced out of the stack, no [t, k, d, f] gather of every assignment's kernels, and with
+    float32 parameters and bfloat16 compute no conversion of the whole stacks."""
+    if compute != "float32":
+        model = k2jax.random_model(model.config.replace(param_dtype="float32", dtype=compute))
     c = model.config
     d, f = c.hidden_size, c.moe_intermediate_size
     sampler = model.sampler()
@@ -139,7 +143,7 @@ def test_decode_reads_each_chosen_expert_in_place(model, prompts):
     for name, exe in compiled.items():
         copies = []
         for line in exe.as_text().splitlines():
-            found = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]\S* ([\w-]+)\(", line)
+            found = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]+)\]\S* ([\w-]+)\(", line)
             if found and found.group(2) not in ("parameter", "get-tuple-element", "bitcast"):  # aliases, not copies
                 dims = [int(v) for v in found.group(1).split(",")]
                 if dims[-2:] in ([d, f], [f, d]) and math.prod(dims[:-2]) > 1:

@@ -41,9 +41,10 @@ def resolve_impl(impl: str, rows: int = 0, n_groups: int = 0) -> str:
     return "loop" if rows <= n_groups and jax.default_backend() == "cpu" else "blocks"
 
 
-def _kernel(w, layer, e):
-    """Expert e's kernel read in place from w [e, ...], or from w [layers, e, ...] at `layer`."""
-    return w[e] if layer is None else w[layer, e]
+def _kernel(w, layer, e, dtype):
+    """Expert e's kernel read in place from w [e, ...], or from w [layers, e, ...] at `layer`, in `dtype` (cast
+    after the read, so stacked kernels are never converted whole)."""
+    return (w[e] if layer is None else w[layer, e]).astype(dtype)
 
 
 def _gather_swiglu(x_td, idx_tk, w_tk, wg, wu, wd, layer=None):
@@ -51,9 +52,10 @@ def _gather_swiglu(x_td, idx_tk, w_tk, wg, wu, wd, layer=None):
     n_exp, dtype = wg.shape[0 if layer is None else 1], x_td.dtype
     valid = (idx_tk >= 0) & (idx_tk < n_exp)
     e_tk = jnp.clip(idx_tk, 0, n_exp - 1)
-    g = jnp.einsum("td,tkdf->tkf", x_td, _kernel(wg, layer, e_tk), preferred_element_type=dtype)
-    u = jnp.einsum("td,tkdf->tkf", x_td, _kernel(wu, layer, e_tk), preferred_element_type=dtype)
-    y_tkd = jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(g) * u, _kernel(wd, layer, e_tk), preferred_element_type=dtype)
+    g = jnp.einsum("td,tkdf->tkf", x_td, _kernel(wg, layer, e_tk, dtype), preferred_element_type=dtype)
+    u = jnp.einsum("td,tkdf->tkf", x_td, _kernel(wu, layer, e_tk, dtype), preferred_element_type=dtype)
+    y_tkd = jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(g) * u, _kernel(wd, layer, e_tk, dtype),
+                       preferred_element_type=dtype)
     w = jnp.where(valid, w_tk, 0.0).astype(dtype)
     return jnp.einsum("tkd,tk->td", y_tkd, w)
 
@@ -76,9 +78,9 @@ def _loop_swiglu(x_td, idx_tk, w_tk, wg, wu, wd, layer=None):
 
         def add(y):
             x_1d = jax.lax.dynamic_slice_in_dim(x_td, tok, 1)
-            g = jnp.dot(x_1d, _kernel(wg, layer, e), preferred_element_type=dtype)
-            u = jnp.dot(x_1d, _kernel(wu, layer, e), preferred_element_type=dtype)
-            out = jnp.dot(jax.nn.silu(g) * u, _kernel(wd, layer, e), preferred_element_type=dtype) * w_flat[a]
+            g = jnp.dot(x_1d, _kernel(wg, layer, e, dtype), preferred_element_type=dtype)
+            u = jnp.dot(x_1d, _kernel(wu, layer, e, dtype), preferred_element_type=dtype)
+            out = jnp.dot(jax.nn.silu(g) * u, _kernel(wd, layer, e, dtype), preferred_element_type=dtype) * w_flat[a]
             return jax.lax.dynamic_update_slice_in_dim(y, jax.lax.dynamic_slice_in_dim(y, tok, 1) + out, tok, 0)
 
         return jax.lax.cond((e >= 0) & (e < n_exp), add, lambda y: y, y_td)
@@ -98,7 +100,8 @@ def block_size_for(rows: int, n_groups: int, requested: int = 0) -> int:
 def _inference_block(rows: int, n_groups: int) -> int:
     """Rows per block without a backward pass: about one block per expert (each block reads its expert's
     kernels again, and nothing is kept for a gradient), a power of two in [8, 512]."""
-    return int(min(512, max(8, 1 << max(0, math.ceil(math.log2(max(1, rows / max(1, n_groups))))))))
+    per_group = max(1.0, rows / max(1, n_groups))
+    return int(min(512, max(8, 2 ** math.ceil(math.log2(per_group)))))
 
 
 def _swiglu_rows_plain(x_md, wg, wu, wd, gs):
@@ -171,9 +174,10 @@ def block_swiglu(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unro
 def _blocks_forward(x_nbd, r_nb, wg, wu, wd, block_expert, n_used, unroll=1, layer=None):
     """block_swiglu's value, not differentiable for stacked kernels (wg [layers, e, d, f] read at `layer`)."""
     def fn(carry, i, x, r, e):
-        g = jnp.dot(x, _kernel(wg, layer, e), preferred_element_type=x.dtype)
-        u = jnp.dot(x, _kernel(wu, layer, e), preferred_element_type=x.dtype)
-        return carry, jnp.dot(jax.nn.silu(g) * u * r[:, None], _kernel(wd, layer, e), preferred_element_type=x.dtype)
+        g = jnp.dot(x, _kernel(wg, layer, e, x.dtype), preferred_element_type=x.dtype)
+        u = jnp.dot(x, _kernel(wu, layer, e, x.dtype), preferred_element_type=x.dtype)
+        h = jax.nn.silu(g) * u * r[:, None]
+        return carry, jnp.dot(h, _kernel(wd, layer, e, x.dtype), preferred_element_type=x.dtype)
 
     return _scan_blocks(fn, n_used, (x_nbd, r_nb, block_expert), unroll=unroll)[1]
 
@@ -241,7 +245,8 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
     if impl == "loop":
         return _loop_swiglu(x_td, idx_tk, w_tk, wg_edf, wu_edf, wd_efd, layer)
     if impl == "ragged" and layer is not None:  # ragged_dot takes one layer's [e, d, f]: sliced out (a copy)
-        wg_edf, wu_edf, wd_efd, layer = wg_edf[layer], wu_edf[layer], wd_efd[layer], None
+        wg_edf, wu_edf, wd_efd = (w[layer].astype(dtype) for w in (wg_edf, wu_edf, wd_efd))
+        layer = None
     flat = idx_tk.reshape(-1)
     valid = (flat >= 0) & (flat < n_exp)
     key = jnp.where(valid, flat, n_exp)

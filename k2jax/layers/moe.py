@@ -48,9 +48,11 @@ class MoE(nnx.Module):
         idx, weights, scores = route(x_td, self.router[...], self.router_bias[...], top_k=c.num_experts_per_tok,
                                      n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
                                      scaling=c.routed_scaling_factor)
-        kernels, layer = ((self.wg[...], self.wu[...], self.wd[...]), None) if stacked is None else (
-            stacked[:3], stacked[3])
-        wg, wu, wd = (jnp.asarray(w, self.dtype) for w in kernels)
+        if stacked is None:
+            wg, wu, wd = (jnp.asarray(w[...], self.dtype) for w in (self.wg, self.wu, self.wd))
+            layer = None
+        else:  # cast per expert as it is read: converting the stacks here would convert every layer's experts
+            wg, wu, wd, layer = stacked
         y_td = routed_experts(x_td, idx, weights, wg, wu, wd, self.rules, impl=c.moe_impl,
                               block_size=c.moe_block_size, unroll=c.moe_block_unroll,
                               capacity_factor=c.moe_capacity_factor, layer=layer)
