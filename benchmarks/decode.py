@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -39,13 +38,12 @@ def main():
         from k2jax.runtime import reexec_with_host_malloc
 
         reexec_with_host_malloc()
-    import jax
-    import jax.numpy as jnp
     import torch
 
     import k2jax
     from conftest import build_hf_model
     from k2jax.config import override
+    from machine import peak_gemm_rate, read_rate, timed
     from k2jax.runtime import HOST_MALLOC_ENV
 
     c = k2jax.load_config(args.config)
@@ -58,12 +56,7 @@ def main():
         typed = override(c, sets)
         model = k2jax.load_hf(d, **{k: getattr(typed, k) for k in sets})
 
-    # the machine: streaming read rate (a jitted matvec over 512 MB) and peak GEMM rate (an lm_head-sized one)
-    x, w = jnp.ones((1, 8192), jnp.float32), jnp.ones((8192, 16384), jnp.float32)
-    read_bw = w.nbytes / _best(jax.jit(lambda x, w: x @ w), x, w)
-    a, b = jnp.ones((1024, 768), jnp.float32), jnp.ones((768, 32768), jnp.float32)
-    peak = 2 * 1024 * 768 * 32768 / _best(jax.jit(lambda a, b: a @ b), a, b)
-    del x, w, a, b
+    read_bw, peak = read_rate(), peak_gemm_rate()
     print(f"machine: reads {read_bw / 1e9:.1f} GB/s (matvec), peak GEMM {peak / 1e9:.0f} GFLOP/s (float32)")
 
     _, active = k2jax.param_count(c)
@@ -75,11 +68,13 @@ def main():
     for batch in map(int, args.batches.split(",")):
         prompts = [rng.integers(0, c.vocab_size - 300, args.prompt).tolist() for _ in range(batch)]
         model.generate(prompts, max_new_tokens=args.new, stop=[])  # compile
-        jax_s = _median(lambda: model.generate(prompts, max_new_tokens=args.new, stop=[]), args.repeat)
+        jax_s = float(np.median(timed(lambda: model.generate(prompts, max_new_tokens=args.new, stop=[]), args.repeat,
+                                      warmup=0)))
         ids = torch.tensor(prompts)
         torch_model.generate(ids, do_sample=False, max_new_tokens=2, min_new_tokens=2, pad_token_id=0)
-        torch_s = _median(lambda: torch_model.generate(ids, do_sample=False, max_new_tokens=args.new,
-                                                       min_new_tokens=args.new, pad_token_id=0), args.repeat)
+        torch_s = float(np.median(timed(lambda: torch_model.generate(
+            ids, do_sample=False, max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0), args.repeat,
+            warmup=0)))
         ctx = args.prompt + args.new // 2
         cache = c.num_hidden_layers * ctx * (c.kv_lora_rank + c.qk_rope_head_dim) * 4 * batch
         distinct = c.n_routed_experts * (1 - (1 - c.num_experts_per_tok / c.n_routed_experts) ** batch)
@@ -92,29 +87,6 @@ def main():
               f"{batch * args.new / torch_s:7.1f} tok/s, ratio {torch_s / jax_s:.2f}x; {step_bytes / 1e6:.0f} MB "
               f"read per decode step; the machine's bound: >= {bound_s:.3f} s for this request, i.e. at most "
               f"{torch_s / bound_s:.1f}x transformers (k2jax: {jax_s:.3f} s, {bound_s / jax_s:.0%} of that limit)")
-
-
-def _median(fn, n):
-    """Median wall time of n calls, in seconds."""
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def _best(fn, *args, n=5):
-    """Fastest of n timed calls (after one warm-up), in seconds."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 if __name__ == "__main__":

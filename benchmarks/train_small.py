@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -37,32 +36,23 @@ def _batch(config, args):
             "positions": np.tile(np.arange(args.seq, dtype=np.int32), (args.batch, 1))}
 
 
-def _time(step, n, faults=None, warmup=1):
-    """n timed calls after `warmup` untimed ones (the first compiles k2jax); `faults` gets each timed call's minor
-    page faults."""
+def _time(step, n, warmup):
+    """{"times", "faults"}: wall seconds and minor page faults of n timed steps after `warmup` untimed ones (the
+    first compiles k2jax)."""
     import resource
+
+    from machine import timed
+
+    faults = []
+
+    def counted():
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(n):
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-        if faults is not None:
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    return times
-
-
-def _peak_gemm_rate():
-    """FLOP/s of the fastest of 5 jitted [1024, 768] x [768, 32768] float32 matmuls (the lm_head's shape)."""
-    import jax
-    import jax.numpy as jnp
-
-    a, b = jnp.ones((1024, 768), jnp.float32), jnp.ones((768, 32768), jnp.float32)
-    mm = jax.jit(lambda a, b: a @ b)
-    return 2 * 1024 * 768 * 32768 / min(_time(lambda: jax.block_until_ready(mm(a, b)), 5))
+    return {"times": timed(counted, n, warmup=0), "faults": faults}
 
 
 def run_k2jax(config, sets, args):
@@ -84,8 +74,7 @@ def run_k2jax(config, sets, args):
         box[0], m = trainer.step(box[0], batch)
         jax.block_until_ready(m)
 
-    faults = []
-    out = {"times": _time(step, args.steps, faults, args.warmup), "faults": faults}
+    out = _time(step, args.steps, args.warmup)
     if not args.no_flops:
         counted = {}
         for n in (2, 3):
@@ -112,8 +101,7 @@ def run_torch(config, args):
         model(ids, labels=ids).loss.backward()
         opt.step()
 
-    faults = []
-    return {"times": _time(step, args.steps, faults, args.warmup), "faults": faults}
+    return _time(step, args.steps, args.warmup)
 
 
 def main():
@@ -144,8 +132,9 @@ def main():
 
     from conftest import build_hf_model
     from k2jax.train import analytic_train_flops
+    from machine import peak_gemm_rate
 
-    peak = _peak_gemm_rate()  # measured before either framework's process starts
+    peak = peak_gemm_rate()  # measured before either framework's process starts
     env = {**os.environ, **HOST_MALLOC_ENV} if args.malloc == "host" else dict(os.environ)
     results = {}
     with tempfile.TemporaryDirectory() as d:
