@@ -11,8 +11,8 @@ Four formulations with the same result:
   place. For decode-sized token counts (assignments <= experts) an iteration's working set (one expert's
   3·d·f values) stays in cache, so the chosen experts go through memory once; "auto" picks it on CPU there;
 - "gather": every assignment's kernels gathered into one [t, k, d, f] array and multiplied at once (vectorised;
-  at batch 8 on CPU that copy goes through memory twice: `benchmarks/decode.py --batches 8 --set
-  moe_impl=gather` decoded 45.6 tokens/s against 91.6 with "loop").
+  at batch 8 on CPU that copy goes through memory twice: `benchmarks/decode.py --malloc host --batches 8
+  --set moe_impl=gather` decoded 45.6 tokens/s against 91.6 with "loop").
 
 Every path takes the kernels either of one layer ([e, d, f]) or stacked over layers ([layers, e, d, f]) with
 `layer`, the index of the layer to use: decoding scans over layers and reads each expert in place that way,
