@@ -1,7 +1,7 @@
 """Train-step tokens/s of configs/small.py: k2jax (jit, AdamW) vs a plain PyTorch AdamW step of the HF
 reference model on the same weights and batch, and the analytic 6·active·tokens + attention rate.
 
-    python benchmarks/train_small.py [--batch 4 --seq 256 --steps 8 --set moe_block_size=64] [--malloc host]
+    python benchmarks/train_small.py [--batch 4 --seq 256 --steps 8 --set moe_block_size=128] [--malloc host]
 
 The HF checkpoint is written once; each framework then runs in a process of its own (the other one neither
 imported nor holding memory), `--warmup` untimed steps and then `--steps` timed steps, compared by their medians.
@@ -112,7 +112,7 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, first-touch faults)")
     p.add_argument("--malloc", choices=("default", "host"), default="default")
-    p.add_argument("--set", action="append", default=["moe_block_size=64"], help="config override key=value")
+    p.add_argument("--set", action="append", default=[], help="config override key=value")
     p.add_argument("--vocab_chunk", type=int, default=0, help="0: the whole vocabulary in one chunk")
     p.add_argument("--no_flops", action="store_true")
     p.add_argument("--only", choices=("k2jax", "torch"), help=argparse.SUPPRESS)

@@ -63,7 +63,8 @@ def test_moe_layer_flops_near_ideal(tiny_config):
     assert 1.0 <= ratio <= 1.25, ratio
 
 
-@pytest.mark.parametrize("impl, block", [("blocks", 0), ("blocks", 8), ("ragged", 0), ("gather", 0), ("loop", 0)])
+@pytest.mark.parametrize("impl, block", [("auto", 0), ("blocks", 0), ("blocks", 8), ("ragged", 0), ("gather", 0),
+                                         ("loop", 0)])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_moe_matches_float64_reference(tiny_config, impl, block, grouped):
     c = tiny_config.replace(moe_impl=impl, moe_block_size=block, **(GROUPED if grouped else {}))
@@ -89,6 +90,22 @@ def test_skewed_routing_is_dropless_under_expert_parallelism(tiny_config, layout
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=1e-4)
     load = np.asarray(stats["expert_load"])
     assert load[:4].tolist() == [256.0] * 4 and load[4:].sum() == 0
+
+
+def test_auto_on_cpu_uses_blocks_of_at_least_cpu_min_block_rows(tiny_config):
+    """'auto' on CPU: blocks of >= CPU_MIN_BLOCK rows; an explicit 'blocks' keeps the padding rule (8 rows here)."""
+    from k2jax.layers.grouped import CPU_MIN_BLOCK, block_size_for, expert_ffn
+
+    c = tiny_config
+    t, k, e, d, f = 192, c.num_experts_per_tok, c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
+    assert (block_size_for(t * k, e), block_size_for(t * k, e, minimum=CPU_MIN_BLOCK)) == (8, CPU_MIN_BLOCK)
+    args = (jax.ShapeDtypeStruct((t, d), jnp.float32), jax.ShapeDtypeStruct((t, k), jnp.int32),
+            jax.ShapeDtypeStruct((t, k), jnp.float32), jax.ShapeDtypeStruct((e, d, f), jnp.float32),
+            jax.ShapeDtypeStruct((e, d, f), jnp.float32), jax.ShapeDtypeStruct((e, f, d), jnp.float32))
+    for impl, b in (("auto", CPU_MIN_BLOCK), ("blocks", 8)):
+        text = jax.jit(lambda *a: expert_ffn(*a, impl=impl)).lower(*args).as_text()
+        n_blocks = -(-t * k // b) + e  # rows / b, plus at most one partial block per expert
+        assert f"tensor<{n_blocks}x{b}x{d}xf32>" in text, impl
 
 
 def test_expert_ffn_gradients_agree_across_impls(tiny_config):
