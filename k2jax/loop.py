@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -113,7 +114,13 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print)
     peak, peak_src = peak_flops_per_device()
     first = next(it)
     batch = global_batch(first, mesh, trainer.rules)
-    compiled = trainer.lower(state, batch).compile()
+    t0 = time.perf_counter()
+    with _cache_hits() as saved:
+        compiled = trainer.lower(state, batch).compile()
+    cache_dir = jax.config.jax_compilation_cache_dir
+    how = (f"loaded from the compilation cache {cache_dir} ({sum(saved):.1f} s of compilation saved)" if saved else
+           "compiled" + (f", written to the compilation cache {cache_dir}" if cache_dir and pid == 0 else ""))
+    log(f"train step {how} in {time.perf_counter() - t0:.1f} s")
     mem = compiled.memory_analysis()
     log(f"model: {total:,} parameters, {active:,} active per token")
     log(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), {nproc} process(es)")
@@ -163,6 +170,22 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print)
     last["preempted"] = stop["sigterm"]
     last["final_step"] = step
     return last
+
+
+@contextlib.contextmanager
+def _cache_hits():
+    """Yields a list that collects the compile seconds saved by each persistent-cache hit inside the block."""
+    saved = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/compilation_cache/compile_time_saved_sec":
+            saved.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield saved
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def train_save_args(trainer: Trainer, state, config: K2Config, data_state) -> ocp.args.Composite:

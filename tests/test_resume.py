@@ -1,4 +1,5 @@
-"""k2jax-train as users run it: kill -9 and resume, SIGTERM, and two processes x 4 devices."""
+"""k2jax-train as users run it: kill -9 and resume (the compiled step from the persistent compilation cache),
+SIGTERM, and two processes x 4 devices."""
 
 import json
 import os
@@ -61,20 +62,25 @@ def test_killed_run_resumes_with_identical_losses_and_sigterm_saves(run_args, tm
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert straight.wait(timeout=600) == 0, straight.stdout.read()
+    cache = tmp_path / "b" / "compile_cache"  # the default persistent compilation cache, written by the killed run
+    assert any(name.startswith("jit_step_fn-") for name in os.listdir(cache)), os.listdir(cache)
     resumed = _train(run_args + ["--sample_tokens=8"], tmp_path / "b", 9)  # and sample at the end, as the quick start
     out = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, out
     assert "resumed from" in out and "sample from" in out
+    assert f"train step loaded from the compilation cache {cache}" in out, out
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert sorted(a) == list(range(1, 10))
     for step in range(4, 10):
         assert b[step] == a[step], (step, a, b)  # bit-exact continuation
 
-    term = _train(run_args, tmp_path / "c", 1000)
+    term = _train(run_args + [f"--compilation_cache_dir={cache}"], tmp_path / "c", 1000)  # a fresh run, same step
     _wait_for_checkpoint(tmp_path / "c", 3, term)
     term.send_signal(signal.SIGTERM)
     out = term.communicate(timeout=300)[0]
     assert term.returncode == 0, out
+    assert f"train step loaded from the compilation cache {cache}" in out, out
+    assert not os.path.exists(tmp_path / "c" / "compile_cache")
     saved = [line for line in out.splitlines() if line.startswith("SIGTERM: saved step")]
     assert saved, out
     step = int(re.search(r"saved step (\d+)", saved[0]).group(1))

@@ -23,6 +23,21 @@ def config_from_flags(config: str, sets: list[str] | None) -> K2Config:
     return load_config(config, **parse_sets(sets))
 
 
+def use_compilation_cache(flag: str | None, default_dir: str) -> str | None:
+    """Turns on JAX's persistent compilation cache; returns its directory (None: off).
+
+    flag: a directory, or 'none' for off; unset (None) takes JAX_COMPILATION_CACHE_DIR when the environment has
+    it, else `default_dir`. Only process 0 writes entries (JAX's rule), so a shared directory suits pods."""
+    import jax
+
+    if flag is not None and flag.strip().lower() in ("", "none"):
+        jax.config.update("jax_compilation_cache_dir", None)
+        return None
+    path = flag if flag is not None else (jax.config.jax_compilation_cache_dir or default_dir)
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def run_main(main, *, host_malloc: bool = False):
     """absl app.run(main), turning k2jax's input errors into one clear line and exit status 2.
 

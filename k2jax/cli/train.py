@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import jax
 from absl import flags
 
-from k2jax.cli.common import config_from_flags, parse_sets, run_main
+from k2jax.cli.common import config_from_flags, parse_sets, run_main, use_compilation_cache
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "Preset name, preset file (configs/tiny.py) or HF config.json.")
@@ -34,6 +35,9 @@ flags.DEFINE_integer("data_workers", 0, "grain worker processes for tokenisation
 flags.DEFINE_float("z_loss", 0.0, "z-loss weight.")
 flags.DEFINE_integer("sample_tokens", 48, "After training, generate this many tokens from the last checkpoint (0: none).")
 flags.DEFINE_string("sample_prompt", "def ", "Prompt of that sample.")
+flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache: a resumed or restarted run "
+                    "loads its compiled step from it instead of compiling again (default: $JAX_COMPILATION_CACHE_DIR "
+                    "if set, else WORKDIR/compile_cache; 'none': off).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detected on TPU pods and SLURM).")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs (implies --distributed).")
 flags.DEFINE_integer("num_processes", 1, "Number of processes (with --coordinator_address).")
@@ -54,6 +58,7 @@ def init_distributed():
 def main(argv):
     del argv
     init_distributed()
+    use_compilation_cache(FLAGS.compilation_cache_dir, os.path.join(FLAGS.workdir, "compile_cache"))
     import k2jax
     from k2jax.loop import RunConfig, train
     from k2jax.optim import OptimConfig
