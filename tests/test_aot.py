@@ -59,18 +59,26 @@ def test_search_candidates_use_every_chip_and_divide_the_model():
     assert all(parse_mesh_spec(m).get("expert", 1) <= 16 for m in candidate_meshes(16, k2))
 
 
-def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes():
+def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes(monkeypatch):
     """The reported figures are the compiled module's own memory_analysis / cost_analysis."""
     os.environ.update(TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     import k2jax
     from k2jax import aot
-    from k2jax.sharding import make_mesh
 
+    built = []  # (config, mesh, compiled) of every build compile_train makes; the first is the full-depth step
+    compile_train = aot._compile_train
+
+    def recording(config, mesh, *args, **kw):
+        out = compile_train(config, mesh, *args, **kw)
+        built.append((config, mesh, out[0]))
+        return out
+
+    monkeypatch.setattr(aot, "_compile_train", recording)
     config = k2jax.load_config("tiny").replace(moe_impl="ragged")  # blocks on TPU: the next test (slower to build)
     report = aot.compile_train(config, "v5p-8", "expert=2,tensor=2", batch=8, seq=128)
     assert report.fits and report.chips == 4 and report.mesh["expert"] == 2 and report.mesh["tensor"] == 2
-    _, devices = aot.topology_devices("v5p-8")
-    compiled, _, _ = aot._compile_train(config, make_mesh("expert=2,tensor=2", devices=devices), 8, 128, 1)
+    full_config, mesh, compiled = built[0]
+    assert full_config == config and dict(mesh.shape) == report.mesh and len(mesh.devices.flat) == 4
     mem = compiled.memory_analysis()
     assert report.argument_bytes == mem.argument_size_in_bytes > 0
     assert report.temp_bytes == mem.temp_size_in_bytes > 0
