@@ -119,7 +119,7 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print)
         compiled = trainer.lower(state, batch).compile()
     cache_dir = jax.config.jax_compilation_cache_dir
     how = (f"loaded from the compilation cache {cache_dir} ({sum(saved):.1f} s of compilation saved)" if saved else
-           "compiled" + (f", written to the compilation cache {cache_dir}" if cache_dir and pid == 0 else ""))
+           "compiled" + (f" (compilation cache: {cache_dir})" if cache_dir else ""))
     log(f"train step {how} in {time.perf_counter() - t0:.1f} s")
     mem = compiled.memory_analysis()
     log(f"model: {total:,} parameters, {active:,} active per token")

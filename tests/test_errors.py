@@ -78,3 +78,26 @@ def test_unknown_tensors_are_listed(hf_tiny, tmp_path):
 def test_missing_folder_and_config(tmp_path):
     with pytest.raises(k2jax.ConfigError, match="no config.json"):
         k2jax.load_hf(str(tmp_path))
+
+
+def test_compilation_cache_dir_that_cannot_be_a_directory_is_named(tmp_path):
+    """k2jax-train's --compilation_cache_dir: a file, or a path under one, is refused naming the flag (JAX itself
+    would only warn on each entry); a fresh directory is created; 'none' turns the cache off."""
+    import jax
+    from absl import flags
+
+    from k2jax.cli.common import use_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        blocker = tmp_path / "a_file"
+        blocker.write_text("x")
+        for bad in (blocker, blocker / "cache"):
+            with pytest.raises(flags.ValidationError, match="--compilation_cache_dir"):
+                use_compilation_cache(str(bad), "unused")
+        fresh = tmp_path / "w" / "compile_cache"
+        assert use_compilation_cache(None, str(fresh)) in (str(fresh), before)
+        assert use_compilation_cache(str(fresh), "unused") == str(fresh) and fresh.is_dir()
+        assert use_compilation_cache("none", "unused") is None and jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -27,13 +27,24 @@ def use_compilation_cache(flag: str | None, default_dir: str) -> str | None:
     """Turns on JAX's persistent compilation cache; returns its directory (None: off).
 
     flag: a directory, or 'none' for off; unset (None) takes JAX_COMPILATION_CACHE_DIR when the environment has
-    it, else `default_dir`. Only process 0 writes entries (JAX's rule), so a shared directory suits pods."""
+    it, else `default_dir`. Only process 0 writes entries (JAX's rule), so a shared directory suits pods. A local
+    directory is created here, and one that cannot be is refused naming the flag (JAX would only warn, per entry).
+    """
+    import os
+
     import jax
 
     if flag is not None and flag.strip().lower() in ("", "none"):
         jax.config.update("jax_compilation_cache_dir", None)
         return None
     path = flag if flag is not None else (jax.config.jax_compilation_cache_dir or default_dir)
+    if "://" not in path:  # gs:// and other remote stores are JAX's to open
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise flags.ValidationError(f"--compilation_cache_dir={path!r}: cannot create the directory ({e})") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise flags.ValidationError(f"--compilation_cache_dir={path!r}: the directory is not writable")
     jax.config.update("jax_compilation_cache_dir", path)
     return path
 

@@ -58,7 +58,6 @@ def init_distributed():
 def main(argv):
     del argv
     init_distributed()
-    use_compilation_cache(FLAGS.compilation_cache_dir, os.path.join(FLAGS.workdir, "compile_cache"))
     import k2jax
     from k2jax.loop import RunConfig, train
     from k2jax.optim import OptimConfig
@@ -82,6 +81,8 @@ def main(argv):
                     log_every=FLAGS.log_every, data=FLAGS.data, text_field=FLAGS.text_field,
                     on_missing_text=FLAGS.on_missing_text, tokenizer=FLAGS.tokenizer, seed=FLAGS.seed,
                     data_workers=FLAGS.data_workers, z_loss=FLAGS.z_loss)
+    # after the flags above are checked, so a bad one leaves no directory behind; before anything compiles
+    use_compilation_cache(FLAGS.compilation_cache_dir, os.path.join(FLAGS.workdir, "compile_cache"))
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
     result = train(config, optim, run, mesh, log=log)
     if result.get("preempted"):

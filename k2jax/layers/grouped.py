@@ -29,18 +29,25 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 
-def resolve_impl(impl: str, rows: int = 0, n_groups: int = 0) -> str:
-    """'auto' -> 'loop' for decode-sized row counts (rows <= n_groups) on CPU, else 'blocks' on every backend
-    (on CPU with blocks of at least CPU_MIN_BLOCK rows; an explicit 'blocks' keeps the padding rule alone, as
-    `k2jax-compile` does for TPU targets).
+CPU_MIN_BLOCK = 64  # "auto" on CPU: fewer, larger blocks (see block_size_for)
+
+
+def resolve_impl(impl: str, rows: int = 0, n_groups: int = 0) -> tuple[str, int]:
+    """(implementation, smallest row block) that `impl` means for this many rows and groups.
+
+    'auto' -> 'loop' for decode-sized row counts (rows <= n_groups) on CPU, else 'blocks' on every backend, on CPU
+    with blocks of at least CPU_MIN_BLOCK rows (block_size_for); an explicit 'blocks' keeps the padding rule alone
+    (smallest block 8), as `k2jax-compile` passes for TPU targets.
 
     'ragged' stays available but is not the default for training: the TPU compiler (libtpu 0.0.42) costs the
     weight gradient of ragged_dot as a dense product over every group (4.97x the ideal MoE FLOPs forward +
     backward on the tiny preset with 16 experts, against 1.21x for 'blocks'; docs/scale.md).
     """
     if impl != "auto":
-        return impl
-    return "loop" if rows <= n_groups and jax.default_backend() == "cpu" else "blocks"
+        return impl, 8
+    if jax.default_backend() != "cpu":
+        return "blocks", 8
+    return ("loop" if rows <= n_groups else "blocks"), CPU_MIN_BLOCK
 
 
 def _kernel(w, layer, e, dtype):
@@ -90,18 +97,15 @@ def _loop_swiglu(x_td, idx_tk, w_tk, wg, wu, wd, layer=None):
     return jax.lax.fori_loop(0, t * k, body, jnp.zeros_like(x_td))
 
 
-CPU_MIN_BLOCK = 64  # "auto" on CPU: fewer, larger blocks (see block_size_for)
-
-
 def block_size_for(rows: int, n_groups: int, requested: int = 0, minimum: int = 8) -> int:
     """Rows per block: the static padding bound (under one block per non-empty group) stays within 1/8 of `rows`,
     and the block has at least `minimum` rows.
 
     On CPU each block costs a copy of its expert's kernels and GEMMs too small to run near the peak, so "auto"
     there asks for CPU_MIN_BLOCK: one MoE layer of configs/small.py (6144 assignments over 64 experts, forward +
-    backward) took 687 ms with the padding rule's 8-row blocks and 444 ms with 64-row ones (the padding grows
-    from 4% to ~33%); at 16 experts and 512 assignments each (configs/tiny.py's quick start) the rule already
-    gives 64.
+    backward) took 685-694 ms with the padding rule's 8-row blocks and 416-507 ms with 64-row ones, though the
+    padding grows from ~4% to ~33% (`python benchmarks/cpu_kernels.py`); at 16 experts and 512 assignments each
+    (configs/tiny.py's quick start) the rule already gives 64.
     """
     if requested:
         return requested
@@ -252,8 +256,7 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
     t, k = idx_tk.shape
     n_exp = wg_edf.shape[0 if layer is None else 1]
     dtype = x_td.dtype
-    min_block = CPU_MIN_BLOCK if impl == "auto" and jax.default_backend() == "cpu" else 8
-    impl = resolve_impl(impl, t * k, n_exp)
+    impl, min_block = resolve_impl(impl, t * k, n_exp)
     if impl == "gather":
         return _gather_swiglu(x_td, idx_tk, w_tk, wg_edf, wu_edf, wd_efd, layer)
     if impl == "loop":
