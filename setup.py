@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["k2jax", "k2jax.layers", "k2jax.configs", "k2jax.cli"],
+    packages=["k2jax", "k2jax.model.layers", "k2jax.configs", "k2jax.cli"],
     package_dir={"k2jax.configs": "configs"},
     install_requires=[
         "jax>=0.10.2,<0.11",

@@ -20,8 +20,8 @@ import numpy as np
 
 
 def make_checkpoint(folder, gb):
-    from k2jax.config import load_config, to_hf_config
-    from k2jax.safetensors_io import write_safetensors
+    from k2jax.model.config import load_config, to_hf_config
+    from k2jax.ckpt.safetensors import write_safetensors
 
     # K2's expert shapes (7168 x 2048); enough MoE layers to pass `gb` of FP8 expert weights
     per_layer = 16 * 3 * 7168 * 2048
@@ -94,7 +94,7 @@ def main():
         t0 = time.perf_counter()
         make_checkpoint(src, args.gb)
         print(f"generated {src} in {time.perf_counter() - t0:.0f}s")
-    from k2jax.safetensors_io import SafetensorsFolder
+    from k2jax.ckpt.safetensors import SafetensorsFolder
 
     folder = SafetensorsFolder(src)
     files = [os.path.join(src, f) for f in os.listdir(src) if f.endswith(".safetensors")]
@@ -110,7 +110,7 @@ def main():
     subprocess.run(["rm", "-rf", out])
     os.system("sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null")
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "k2jax.convert", f"--hf_dir={src}", f"--output_dir={out}",
+    r = subprocess.run([sys.executable, "-m", "k2jax.cli.convert", f"--hf_dir={src}", f"--output_dir={out}",
                         "--dtype=bfloat16", f"--workers={args.workers}", "--quiet"], capture_output=True, text=True)
     dt = time.perf_counter() - t0
     if r.returncode:

@@ -39,8 +39,8 @@ def jax_parts():
     import jax
     import jax.numpy as jnp
 
-    from k2jax.layers.grouped import expert_ffn
-    from k2jax.loss import chunked_cross_entropy
+    from k2jax.model.layers.grouped import expert_ffn
+    from k2jax.train.loss import chunked_cross_entropy
 
     x, idx, w, ws = (jnp.asarray(a) if not isinstance(a, list) else [jnp.asarray(b) for b in a]
                      for a in moe_inputs())

@@ -18,9 +18,9 @@ def main():
     args = p.parse_args()
     flags.FLAGS.mark_as_parsed()
 
-    from k2jax.corpus import default_corpus, default_tokenizer
-    from k2jax.data import make_dataset, measure_throughput, open_source
-    from k2jax.tokenizer import load_tokenizer
+    from k2jax.data.corpus import default_corpus, default_tokenizer
+    from k2jax.data.pipeline import make_dataset, measure_throughput, open_source
+    from k2jax.text.tokenizer import load_tokenizer
 
     corpus, tok_path = default_corpus(), default_tokenizer()
     tok = load_tokenizer(tok_path)

@@ -15,13 +15,10 @@ implementation, hence the largest ratio to transformers this machine allows.
 """
 
 import argparse
-import os
-import sys
 import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
 def main():
@@ -38,23 +35,23 @@ def main():
         from k2jax.runtime import reexec_with_host_malloc
 
         reexec_with_host_malloc()
+    import jax
     import torch
 
     import k2jax
-    from conftest import build_hf_model
-    from k2jax.config import override
-    from machine import peak_gemm_rate, read_rate, timed
+    from k2jax.model.config import parse_assignments
     from k2jax.runtime import HOST_MALLOC_ENV
+    from k2jax.testing.reference import build_hf_model
+    from machine import describe, peak_gemm_rate, read_rate, timed
 
     c = k2jax.load_config(args.config)
     malloc = "host (" + " ".join(f"{k}={v}" for k, v in HOST_MALLOC_ENV.items()) + ")"
     print(f"config {args.config}, prompts of {args.prompt} tokens, {args.new} new, malloc "
-          f"{malloc if args.malloc == 'host' else 'default'} {' '.join(args.set)}")
+          f"{malloc if args.malloc == 'host' else 'default'}, overrides: {' '.join(args.set) or 'none'}")
     with tempfile.TemporaryDirectory() as d:
         torch_model = build_hf_model(c, d)
-        sets = dict(kv.split("=", 1) for kv in args.set)
-        typed = override(c, sets)
-        model = k2jax.load_hf(d, **{k: getattr(typed, k) for k in sets})
+        model = k2jax.load_hf(d, **parse_assignments(args.set))
+    print(describe(jax, torch))
 
     read_bw, peak = read_rate(), peak_gemm_rate()
     print(f"machine: reads {read_bw / 1e9:.1f} GB/s (matvec), peak GEMM {peak / 1e9:.0f} GFLOP/s (float32)")

@@ -5,13 +5,11 @@
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
 def main():
@@ -26,7 +24,8 @@ def main():
     import torch
 
     import k2jax
-    from conftest import build_hf_model, hf_logits
+    from k2jax.testing.reference import build_hf_model, hf_logits
+    from machine import describe
 
     config = k2jax.load_config(args.config)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq)).astype(np.int32)
@@ -50,6 +49,7 @@ def main():
     total, active = k2jax.param_count(config)
     print(f"config {args.config}: {total / 1e6:.1f}M parameters ({active / 1e6:.1f}M active), batch {args.batch} x "
           f"{args.seq} tokens, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
+    print(describe(jax, torch))
     print(f"max |logits diff| = {np.abs(out - ref).max():.2e}")
     print(f"k2jax:        {n / jax_s:10,.0f} tokens/s ({jax_s:.3f} s/forward)")
     print(f"transformers: {n / torch_s:10,.0f} tokens/s ({torch_s:.3f} s/forward)")

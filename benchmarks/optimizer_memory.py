@@ -26,15 +26,15 @@ def main():
     p.add_argument("--batched", action="store_true", help="all stacked layers in one batched Newton-Schulz")
     args = p.parse_args()
     from k2jax.aot import GiB, DoesNotFit, compile_optimizer, topology_devices
-    from k2jax.config import load_config
-    from k2jax.optim import OptimConfig, make_optimizer
-    from k2jax.sharding import make_mesh
-    from k2jax.train import Trainer
+    from k2jax.model.config import load_preset
+    from k2jax.train.optim import OptimConfig, make_optimizer
+    from k2jax.model.sharding import make_mesh
+    from k2jax.train.step import Trainer
 
-    config = load_config(args.config).replace(param_dtype="bfloat16")
+    config, run = load_preset(args.config, param_dtype="bfloat16")
     chip, devices = topology_devices(args.topology)
     mesh = make_mesh(args.mesh, devices=devices)
-    trainer = Trainer(config, OptimConfig(), mesh)
+    trainer = Trainer(config, OptimConfig(), mesh, execution=run)
     tx = make_optimizer(OptimConfig(), trainer.abstract_params, config.kv_lora_rank, layer_loop=not args.batched)
     t0 = time.perf_counter()
     how = "all layers at once" if args.batched else "one layer at a time"

@@ -27,7 +27,6 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
 def _batch(config, args):
@@ -59,14 +58,15 @@ def run_k2jax(config, sets, args):
     import jax
 
     import k2jax
-    from k2jax.optim import OptimConfig
-    from k2jax.train import LossConfig, Trainer
+    from k2jax.aot import by_depth, extrapolate
+    from k2jax.train.optim import OptimConfig
+    from k2jax.train.step import LossConfig, Trainer
 
     batch = _batch(config, args)
-    model = k2jax.load_hf(args.hf_dir, **{k: getattr(config, k) for k in sets})
+    model = k2jax.load_hf(args.hf_dir, **sets)
     optim = OptimConfig(optimizer="adamw", learning_rate=1e-4, warmup_steps=1)
     loss_cfg = LossConfig(aux_loss_alpha=0.0, vocab_chunk=args.vocab_chunk or config.vocab_size)
-    trainer = Trainer(config, optim, model.mesh, loss=loss_cfg)
+    trainer = Trainer(config, optim, model.mesh, loss=loss_cfg, execution=model.execution)
     box = [trainer.init_state(model_state=model.state)]
     del model
 
@@ -76,14 +76,13 @@ def run_k2jax(config, sets, args):
 
     out = _time(step, args.steps, args.warmup)
     if not args.no_flops:
-        counted = {}
-        for n in (2, 3):
-            small = config.replace(num_hidden_layers=n, scan_layers=False, moe_block_unroll=0)
-            tr = Trainer(small, optim, trainer.mesh, loss=loss_cfg)
+        def flops(small, run):
+            tr = Trainer(small, optim, trainer.mesh, loss=loss_cfg, execution=run)
             cost = tr.lower(tr.abstract_state(), {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
                             ).compile().cost_analysis()
-            counted[n] = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
-        out["compiled_flops"] = counted[3] + (config.num_hidden_layers - 3) * (counted[3] - counted[2])
+            return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+        out["compiled_flops"] = extrapolate(by_depth(config, model.execution, flops), config.num_hidden_layers)
     return out
 
 
@@ -120,19 +119,22 @@ def main():
     args = p.parse_args()
 
     import k2jax
-    from k2jax.config import override
+    from k2jax.model.config import load_preset, parse_assignments
     from k2jax.runtime import HOST_MALLOC_ENV
 
-    sets = dict(kv.split("=", 1) for kv in args.set)
-    config = override(k2jax.load_config(args.config), sets)
+    sets = parse_assignments(args.set)
+    config, _ = load_preset(args.config, **sets)
     if args.only:
         result = run_k2jax(config, sets, args) if args.only == "k2jax" else run_torch(config, args)
         print("RESULT " + json.dumps(result))
         return
 
-    from conftest import build_hf_model
-    from k2jax.train import analytic_train_flops
-    from machine import peak_gemm_rate
+    import jax
+    import torch
+
+    from k2jax.testing.reference import build_hf_model
+    from k2jax.train.step import analytic_train_flops
+    from machine import describe, peak_gemm_rate
 
     peak = peak_gemm_rate()  # measured before either framework's process starts
     env = {**os.environ, **HOST_MALLOC_ENV} if args.malloc == "host" else dict(os.environ)
@@ -155,7 +157,9 @@ def main():
     flops = analytic_train_flops(config, n, args.seq)
     fmt = lambda ts: " ".join(f"{t:.2f}" for t in ts)  # noqa: E731
     malloc = "host (" + " ".join(f"{k}={v}" for k, v in HOST_MALLOC_ENV.items()) + ")" if args.malloc == "host" else "default"
-    print(f"config {args.config}, batch {args.batch} x {args.seq}, {' '.join(args.set)}, malloc {malloc}")
+    print(f"config {args.config}, batch {args.batch} x {args.seq}, overrides: {' '.join(args.set) or 'none'}, "
+          f"malloc {malloc}")
+    print(describe(jax, torch))
     for fw, label, t in (("k2jax", "k2jax train step:  ", jax_s), ("torch", "PyTorch train step:", torch_s)):
         r = results[fw]
         print(f"{label} {n / t:8,.0f} tokens/s (median {t:.2f} s of {fmt(r['times'])}; minor page faults per step "

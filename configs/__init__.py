@@ -1,1 +1,1 @@
-"""Named model presets; each module defines CONFIG (a k2jax.config.K2Config)."""
+"""Named model presets; each module defines CONFIG (a k2jax.model.config.K2Config)."""

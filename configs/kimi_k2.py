@@ -1,6 +1,6 @@
 """Kimi K2 (moonshotai/Kimi-K2-Instruct config.json, July 2025): 1.03T total, 32.9B active parameters."""
 
-from k2jax.config import K2Config
+from k2jax.model.config import Execution, K2Config
 
 CONFIG = K2Config(
     vocab_size=163840,
@@ -45,7 +45,6 @@ CONFIG = K2Config(
     eos_token_id=163585,
     pad_token_id=163839,
     num_nextn_predict_layers=0,
-    param_dtype="float32",
-    dtype="bfloat16",
-    remat_policy="full",
 )
+
+EXECUTION = Execution(param_dtype="float32", dtype="bfloat16", remat_policy="full")

@@ -1,6 +1,6 @@
 """A K2-shaped model of ~250M total parameters for CPU benchmarks (64 experts top-6)."""
 
-from k2jax.config import K2Config
+from k2jax.model.config import Execution, K2Config
 
 CONFIG = K2Config(
     vocab_size=32768,
@@ -30,6 +30,6 @@ CONFIG = K2Config(
     bos_token_id=32512,
     eos_token_id=32513,
     pad_token_id=32767,
-    param_dtype="float32",
-    dtype="float32",
 )
+
+EXECUTION = Execution(param_dtype="float32", dtype="float32")

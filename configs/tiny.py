@@ -1,6 +1,6 @@
 """A K2-shaped model of ~3M parameters for tests and the quick start (MLA, 16 experts top-4, YaRN)."""
 
-from k2jax.config import K2Config
+from k2jax.model.config import Execution, K2Config
 
 CONFIG = K2Config(
     vocab_size=4096,  # 3840 BPE ranks + K2's block of 256 special tokens
@@ -34,6 +34,6 @@ CONFIG = K2Config(
     bos_token_id=3840,
     eos_token_id=3841,
     pad_token_id=4095,
-    param_dtype="float32",
-    dtype="float32",
 )
+
+EXECUTION = Execution(param_dtype="float32", dtype="float32")

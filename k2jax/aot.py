@@ -11,30 +11,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from k2jax.config import K2Config
-from k2jax.sharding import ShardingError, make_mesh
-
-GiB = 2 ** 30
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    family: str  # libtpu's topology prefix
-    hbm_bytes: float
-    peak_flops: float  # dense bf16 FLOP/s
-    dims: int  # 2-D (v5e, v6e) or 3-D (v4, v5p) torus
-    cores_per_chip: int  # Cloud TPU names count TensorCores for v4/v5p, chips for v5e/v6e
-    chip_config: str | None
-    hbm_bandwidth: float  # bytes/s
-
-
-CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 3, 2, "megacore", 1228e9),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 2, 1, None, 819e9),
-    "v5p": Chip("v5p", 95.74 * GiB, 459e12, 3, 2, "megacore", 2765e9),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 2, 1, None, 1640e9),
-}
-
+from k2jax.errors import ConfigError, ShardingError, TopologyError
+from k2jax.hardware import CHIPS, GiB, Chip
+from k2jax.model.config import Execution, K2Config
+from k2jax.model.sharding import make_mesh
 
 class DoesNotFit(RuntimeError):
     """The TPU compiler refused the step for lack of HBM; carries the bytes it needed and had, and whether
@@ -82,10 +62,6 @@ def _compile_or_oom(lowered):
         if oom is None:
             raise
         raise oom from None
-
-
-class TopologyError(ValueError):
-    """An unknown or malformed topology name; the message lists the known ones."""
 
 
 def _grid(chips: int, dims: int) -> tuple[int, ...]:
@@ -208,12 +184,13 @@ def collective_bytes(hlo_text: str) -> int:
     return total
 
 
-def _compile_train(config: K2Config, mesh, batch: int, seq: int, microbatches: int, grad_accum_dtype: str = "param"):
-    from k2jax.optim import OptimConfig
-    from k2jax.train import LossConfig, Trainer
+def _compile_train(config: K2Config, execution: Execution, mesh, batch: int, seq: int, microbatches: int,
+                   grad_accum_dtype: str = "param"):
+    from k2jax.train.optim import OptimConfig
+    from k2jax.train.step import LossConfig, Trainer
 
     trainer = Trainer(config, OptimConfig(grad_accum_dtype=grad_accum_dtype), mesh, loss=LossConfig(vocab_chunk=8192),
-                      microbatches=microbatches)
+                      microbatches=microbatches, execution=execution)
     state = trainer.abstract_state()
     spec = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=trainer.batch_sharding)
     t0 = time.perf_counter()
@@ -257,9 +234,22 @@ def _cost(compiled, chip: Chip) -> tuple[float, float]:
     return flops, seconds
 
 
+def by_depth(config: K2Config, execution: Execution, build) -> dict[int, object]:
+    """{2: build(config, execution), 3: ...} for 2- and 3-layer copies of the model with every loop unrolled
+    (XLA's cost analysis counts a loop body once), for `extrapolate`."""
+    run = execution.replace(scan_layers=False, moe_block_unroll=0)
+    return {n: build(config.replace(num_hidden_layers=n, first_k_dense_replace=min(config.first_k_dense_replace, 1)),
+                     run) for n in (2, 3)}
+
+
+def extrapolate(per_depth: dict[int, float], layers: int) -> float:
+    """A per-step figure of the full depth from its 2- and 3-layer values (each further layer adds one MoE layer)."""
+    return per_depth[3] + (layers - 3) * (per_depth[3] - per_depth[2])
+
+
 def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int, seq: int,
                   microbatches: int = 1, progress=None, flops_batch: int | None = None,
-                  grad_accum_dtype: str = "param") -> Report:
+                  grad_accum_dtype: str = "param", execution: Execution | None = None) -> Report:
     """AOT-compiles the real train step; FLOPs and time come from 2- and 3-layer unrolled builds, extrapolated
     to the full depth (XLA counts a scanned loop body once).
 
@@ -268,21 +258,22 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
     build with two sequences per chip outgrows a 24 GB host. The time scales the same way, an upper bound
     (the weights' gathers do not grow with the batch). The optimizer update is counted once per step.
     """
-    from k2jax.train import analytic_train_flops
+    from k2jax.train.step import analytic_train_flops
 
     chip, devices = topology_devices(topology)
     mesh = make_mesh(mesh_spec, devices=devices)
-    if config.moe_impl == "auto":  # what 'auto' means on a TPU host (this host's backend is the CPU)
-        config = config.replace(moe_impl="blocks")
+    execution = execution or Execution()
+    if execution.moe_impl == "auto":  # what 'auto' means on a TPU host (this host's backend is the CPU)
+        execution = execution.replace(moe_impl="blocks")
     micro = batch // microbatches
     if flops_batch is None:
-        from k2jax.sharding import ShardingRules
+        from k2jax.model.sharding import ShardingRules
 
         shards = math.prod(mesh.shape.get(a, 1) for a in ShardingRules().for_training().mesh_axes("batch"))
         flops_batch = shards if micro % shards == 0 else micro
     if flops_batch <= 0 or micro % flops_batch:
-        raise ValueError(f"--flops_batch={flops_batch} does not divide the microbatch of {micro} sequences")
-    compiled, secs, _ = _compile_train(config, mesh, batch, seq, microbatches, grad_accum_dtype)
+        raise ConfigError(f"--flops_batch={flops_batch} does not divide the microbatch of {micro} sequences")
+    compiled, secs, _ = _compile_train(config, execution, mesh, batch, seq, microbatches, grad_accum_dtype)
     mem = compiled.memory_analysis()
     over = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     if progress is not None:
@@ -293,22 +284,17 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
         return Report(topology, dict(mesh.shape), "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
                       mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, float("nan"),
                       analytic_train_flops(config, batch * seq, seq), float("nan"), batch * seq, secs, 0)
-    per_layers, opt_per_layers = {}, {}
-    for n in (2, 3):
-        small = config.replace(num_hidden_layers=n, first_k_dense_replace=min(config.first_k_dense_replace, 1),
-                               scan_layers=False, moe_block_unroll=0)  # every loop unrolled, so every body counts
-        c, _, small_trainer = _compile_train(small, mesh, flops_batch, seq, 1)
-        per_layers[n] = _cost(c, chip)
-        opt_per_layers[n] = _optimizer_cost(small_trainer, chip)
-    (f2, s2), (f3, s3) = per_layers[2], per_layers[3]
-    (of2, os2), (of3, os3) = opt_per_layers[2], opt_per_layers[3]
-    extra = config.num_hidden_layers - 3
-    opt, opt_s = of3 + extra * (of3 - of2), os3 + extra * (os3 - os2)
+    def costs(small, run):  # (step FLOPs, step seconds, update FLOPs, update seconds) of one unrolled build
+        c, _, small_trainer = _compile_train(small, run, mesh, flops_batch, seq, 1)
+        return _cost(c, chip) + _optimizer_cost(small_trainer, chip)
+
+    built = by_depth(config, execution, costs)
+    f, s, opt, opt_s = (extrapolate({n: v[i] for n, v in built.items()}, config.num_hidden_layers) for i in range(4))
     # each unrolled build holds one update; the step runs the model on `microbatches` x `micro` sequences and
     # the update once
     scale = microbatches * micro / flops_batch
-    flops = scale * (f3 + extra * (f3 - f2) - opt) + opt
-    seconds = scale * (s3 + extra * (s3 - s2) - opt_s) + opt_s
+    flops = scale * (f - opt) + opt
+    seconds = scale * (s - opt_s) + opt_s
     return Report(topology, dict(mesh.shape), "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
                   mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, flops * len(devices),
                   analytic_train_flops(config, batch * seq, seq), seconds, batch * seq, secs,
@@ -316,38 +302,26 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
 
 
 def compile_decode(config: K2Config, topology: str, mesh_spec: str, *, batch: int, context: int,
-                   cache_dtype: str = "bfloat16") -> Report:
+                   cache_dtype: str = "bfloat16", execution: Execution | None = None) -> Report:
     """AOT-compiles one decode step (absorbed latent cache of `context` tokens) for `batch` sequences."""
-    from flax import nnx
-
-    from k2jax.api import Model
-    from k2jax.decode import Sampler
-    from k2jax.init import abstract_model, state_shardings
-    from k2jax.sharding import ShardingRules, check_divisible
+    from k2jax.inference.model import Model
+    from k2jax.inference.sampler import Sampler
+    from k2jax.model import cache as kv_cache
+    from k2jax.model.init import place
+    from k2jax.model.params import stack_layers
 
     chip, devices = topology_devices(topology)
-    mesh = make_mesh(mesh_spec, devices=devices)
-    rules = ShardingRules()
-    if config.moe_impl == "auto":  # forward only: ragged_dot is exact and costs ~1x the ideal on TPU
-        config = config.replace(moe_impl="ragged")
-    check_divisible(config, mesh, rules)
-    graphdef, abstract = abstract_model(config, rules)
-    sh = state_shardings(abstract, mesh, rules)
-    state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), abstract, sh)
-    model = Model(config, graphdef, state, mesh, rules)
-    sampler = Sampler(model, cache_dtype)
+    execution = execution or Execution()
+    if execution.moe_impl == "auto":  # forward only: ragged_dot is exact and costs ~1x the ideal on TPU
+        execution = execution.replace(moe_impl="ragged")
+    p = place(config, make_mesh(mesh_spec, devices=devices), execution=execution)
+    mesh, rules, state = p.mesh, p.rules, p.shaped()
+    sampler = Sampler(Model(config, p.graphdef, state, mesh, rules, execution=execution), cache_dtype)
     cache_sh = rules.sharding(("layers", "batch", None, None), mesh)
-    store = jnp.int8 if cache_dtype == "int8" else jnp.dtype(cache_dtype)
-    cache = {}
-    for name, n in (("dense_layers", config.num_dense_layers), ("moe_layers", config.num_moe_layers)):
-        if n:
-            entry = {"latent": jax.ShapeDtypeStruct((n, batch, context, config.kv_lora_rank), store, sharding=cache_sh),
-                     "k_rope": jax.ShapeDtypeStruct((n, batch, context, config.qk_rope_head_dim), store,
-                                                    sharding=cache_sh)}
-            if cache_dtype == "int8":
-                entry.update({k: jax.ShapeDtypeStruct((n, batch, context, 1), jnp.float32, sharding=cache_sh)
-                              for k in ("latent_scale", "k_rope_scale")})
-            cache[name] = entry
+    cache = {name: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cache_sh),
+                                jax.eval_shape(lambda n=len(layers): kv_cache.empty_cache(config, n, batch, context,
+                                                                                          cache_dtype)))
+             for name, layers in stack_layers(config).items() if len(layers)}
     vec = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rules.sharding(("batch",), mesh))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
@@ -356,12 +330,11 @@ def compile_decode(config: K2Config, topology: str, mesh_spec: str, *, batch: in
     mem = compiled.memory_analysis()
     flops, seconds = _cost(compiled, chip)
     scale = config.num_moe_layers  # the MoE scan body is counted once
-    from k2jax.init import param_count
+    from k2jax.model.init import param_count
 
     _, active = param_count(config)
     analytic = 2.0 * active * batch + 4.0 * config.num_hidden_layers * config.num_attention_heads * (
         config.kv_lora_rank + config.qk_rope_head_dim) * context * batch
-    del nnx
     return Report(topology, dict(mesh.shape), f"decode (batch {batch}, context {context}, {cache_dtype} cache)",
                   len(devices), chip.hbm_bytes, mem.argument_size_in_bytes, mem.output_size_in_bytes,
                   mem.temp_size_in_bytes, mem.alias_size_in_bytes, flops * len(devices) * scale, analytic,
@@ -382,7 +355,7 @@ def candidate_meshes(chips: int, config: K2Config) -> list[str]:
 
 
 def check_mesh(spec: str, chips: int) -> None:
-    from k2jax.sharding import parse_mesh_spec
+    from k2jax.model.sharding import parse_mesh_spec
 
     sizes = parse_mesh_spec(spec)
     if math.prod(sizes.values() or [1]) != chips:

@@ -15,15 +15,15 @@ if len(sys.argv) > 2:
 import numpy as np  # noqa: E402
 
 import k2jax  # noqa: E402
-from k2jax.data import global_batch  # noqa: E402
-from k2jax.optim import OptimConfig  # noqa: E402
-from k2jax.train import Trainer  # noqa: E402
+from k2jax.data.pipeline import global_batch  # noqa: E402
+from k2jax.train.optim import OptimConfig  # noqa: E402
+from k2jax.train.step import Trainer  # noqa: E402
 
 
 def main():
-    config = k2jax.load_config("tiny", num_hidden_layers=2)
+    config, run = k2jax.load_preset("tiny", num_hidden_layers=2)
     mesh = k2jax.make_mesh("data=2,expert=2,tensor=2")
-    trainer = Trainer(config, OptimConfig(learning_rate=3e-3, warmup_steps=1, total_steps=10), mesh)
+    trainer = Trainer(config, OptimConfig(learning_rate=3e-3, warmup_steps=1, total_steps=10), mesh, execution=run)
     state = trainer.init_state(0)
     rng = np.random.default_rng(0)
     n, pid = jax.process_count(), jax.process_index()

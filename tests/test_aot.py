@@ -47,8 +47,8 @@ def test_both_forms_of_the_compilers_out_of_hbm_error_are_read():
 
 def test_search_candidates_use_every_chip_and_divide_the_model():
     from k2jax.aot import candidate_meshes
-    from k2jax.config import load_config
-    from k2jax.sharding import parse_mesh_spec
+    from k2jax.model.config import load_config
+    from k2jax.model.sharding import parse_mesh_spec
 
     k2 = load_config("kimi_k2")
     meshes = [parse_mesh_spec(m) for m in candidate_meshes(128, k2)]
@@ -68,14 +68,14 @@ def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes(monke
     built = []  # (config, mesh, compiled) of every build compile_train makes; the first is the full-depth step
     compile_train = aot._compile_train
 
-    def recording(config, mesh, *args, **kw):
-        out = compile_train(config, mesh, *args, **kw)
+    def recording(config, run, mesh, *args, **kw):
+        out = compile_train(config, run, mesh, *args, **kw)
         built.append((config, mesh, out[0]))
         return out
 
     monkeypatch.setattr(aot, "_compile_train", recording)
-    config = k2jax.load_config("tiny").replace(moe_impl="ragged")  # blocks on TPU: the next test (slower to build)
-    report = aot.compile_train(config, "v5p-8", "expert=2,tensor=2", batch=8, seq=128)
+    config, run = k2jax.load_preset("tiny", moe_impl="ragged")  # blocks on TPU: the next test (slower to build)
+    report = aot.compile_train(config, "v5p-8", "expert=2,tensor=2", batch=8, seq=128, execution=run)
     assert report.fits and report.chips == 4 and report.mesh["expert"] == 2 and report.mesh["tensor"] == 2
     full_config, mesh, compiled = built[0]
     assert full_config == config and dict(mesh.shape) == report.mesh and len(mesh.devices.flat) == 4
@@ -92,7 +92,7 @@ def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes(monke
     assert 1.0 < (report.flops - report.optimizer_flops) / report.analytic_flops < 4.0
     assert "of which the optimizer update" in "\n".join(report.lines(aot.CHIPS["v5p"].peak_flops))
     assert report.seconds > 0
-    dec = aot.compile_decode(config, "v5p-8", "expert=2,tensor=2", batch=4, context=256)
+    dec = aot.compile_decode(config, "v5p-8", "expert=2,tensor=2", batch=4, context=256, execution=run)
     assert dec.fits and dec.total_bytes > 0 and dec.flops > 0
 
 
@@ -106,15 +106,14 @@ def test_moe_layer_compiled_for_tpu_stays_near_the_ideal_flops():
 
     import k2jax
     from k2jax import aot
-    from k2jax.layers.grouped import ideal_moe_flops
-    from k2jax.layers.moe import MoE
-    from k2jax.sharding import ShardingRules
+    from k2jax.model.layers.grouped import ideal_moe_flops
+    from k2jax.model.layers.moe import MoE
+    from k2jax.model.sharding import ShardingRules
 
     _, devices = aot.topology_devices("v5p-8")
     sh = SingleDeviceSharding(devices[0])
-    c = k2jax.load_config("tiny").replace(moe_impl="blocks", moe_block_unroll=0, dtype="bfloat16",
-                                          param_dtype="bfloat16")
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: MoE(c, ShardingRules(), rngs=nnx.Rngs(0))))
+    c, run = k2jax.load_preset("tiny", moe_impl="blocks", moe_block_unroll=0, dtype="bfloat16", param_dtype="bfloat16")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MoE(c, run, ShardingRules(), rngs=nnx.Rngs(0))))
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state)
     x = jax.ShapeDtypeStruct((2, 2048, c.hidden_size), jnp.bfloat16, sharding=sh)
     loss = lambda s, x: nnx.merge(graphdef, s)(x)[0].astype(jnp.float32).sum()  # noqa: E731

@@ -3,7 +3,8 @@ import json
 import pytest
 
 import k2jax
-from k2jax.config import ConfigError, K2Config, from_hf_config, load_config, to_hf_config
+from k2jax.model.config import (ConfigError, Execution, K2Config, configure, from_hf_config, load_config,
+                                load_preset, to_hf_config)
 
 # Kimi-K2-Instruct's config.json (the architecture fields), as published.
 OFFICIAL = {
@@ -45,14 +46,13 @@ def test_official_config_json_equals_preset(tmp_path):
     path.write_text(json.dumps(OFFICIAL))
     official = from_hf_config(path)
     preset = load_config("kimi_k2")
-    arch = {k: v for k, v in vars(preset).items() if k not in ("param_dtype", "dtype", "remat_policy")}
-    assert {k: getattr(official, k) for k in arch} == arch
+    assert official == preset  # the preset is exactly the architecture (execution lives apart)
     assert official.softmax_scale == pytest.approx(192 ** -0.5 * (0.1 * __import__("math").log(32) + 1) ** 2)
 
 
 def test_hf_round_trip():
     c = load_config("tiny").replace(n_group=4, topk_group=2, rope_mscale=0.707)
-    assert from_hf_config(to_hf_config(c)).replace(dtype=c.dtype, param_dtype=c.param_dtype) == c
+    assert from_hf_config(to_hf_config(c)) == c
 
 
 @pytest.mark.parametrize("change, field", [
@@ -74,15 +74,26 @@ def test_mtp_can_be_dropped_explicitly():
 
 
 def test_override_type_checks_and_unknown_keys():
-    c = load_config("tiny")
+    c, run = load_preset("tiny")
     assert c.replace(num_hidden_layers="6").num_hidden_layers == 6
-    assert c.replace(scan_layers="false").scan_layers is False
-    with pytest.raises(ConfigError, match="unknown config field 'hidden'"):
+    assert run.replace(scan_layers="false").scan_layers is False
+    with pytest.raises(ConfigError, match="unknown K2Config field 'hidden'"):
         c.replace(hidden=3)
     with pytest.raises(ConfigError, match="'num_hidden_layers': expected int"):
         c.replace(num_hidden_layers="six")
     with pytest.raises(ConfigError, match="remat_policy"):
-        c.replace(remat_policy="sometimes")
+        run.replace(remat_policy="sometimes")
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("huge")
-    assert isinstance(c, K2Config)
+    assert isinstance(c, K2Config) and isinstance(run, Execution)
+
+
+def test_configure_routes_each_override_to_architecture_or_execution():
+    c, run = load_preset("tiny", num_hidden_layers="3", remat_policy="full", attn_chunk="16")
+    assert (c.num_hidden_layers, run.remat_policy, run.attn_chunk) == (3, "full", 16)
+    assert (run.param_dtype, run.dtype) == ("float32", "float32")  # the preset's EXECUTION
+    assert not hasattr(c, "remat_policy")  # the architecture has no execution field
+    with pytest.raises(ConfigError, match="unknown config field 'remat'.*remat_policy"):
+        configure(c, run, {"remat": "full"})
+    with pytest.raises(ConfigError, match="unknown K2Config field 'moe_impl'"):
+        c.replace(moe_impl="loop")  # an execution setting is not part of the architecture

@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 import k2jax
-from k2jax.convert import import_hf
-from k2jax.safetensors_io import CheckpointError, SafetensorsFolder, write_safetensors
-from conftest import build_hf_model, hf_logits
+from k2jax.ckpt.convert import import_hf
+from k2jax.ckpt.safetensors import CheckpointError, SafetensorsFolder, write_safetensors
+from k2jax.testing.reference import build_hf_model, hf_logits
 
 # hidden 160 and expert width 96: every FP8 block grid has partial edge blocks
 ODD = dict(hidden_size=160, moe_intermediate_size=96, intermediate_size=200)
@@ -21,7 +21,7 @@ ODD = dict(hidden_size=160, moe_intermediate_size=96, intermediate_size=200)
 
 def _cli(*args):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "k2jax.convert", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "k2jax.cli.convert", *args], capture_output=True, text=True, env=env)
 
 
 def _dequant_reference(q, s):
@@ -39,7 +39,7 @@ def fp8_checkpoint(tmp_path_factory, tiny_config):
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from k2jax.config import to_hf_config
+    from k2jax.model.config import to_hf_config
 
     base = tmp_path_factory.mktemp("fp8_src")
     config = tiny_config.replace(**ODD)
@@ -70,7 +70,7 @@ def fp8_checkpoint(tmp_path_factory, tiny_config):
     hf_cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
     (out / "config.json").write_text(json.dumps(hf_cfg))
     torch_model = DeepseekV3ForCausalLM(DeepseekV3Config(**to_hf_config(config))).float().eval()
-    from conftest import load_official_names
+    from k2jax.testing.reference import load_official_names
 
     load_official_names(torch_model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in dequant.items()})
     return str(out), torch_model
@@ -87,8 +87,8 @@ def test_fp8_import_matches_dequantised_reference(fp8_checkpoint, tmp_path, toke
 
 def test_strips_of_large_tensors_give_the_same_checkpoint(fp8_checkpoint, tmp_path):
     """Units over chunk_bytes are read, dequantised and written in strips of source rows: same arrays."""
-    from k2jax import convert
-    from k2jax.hf import tensor_maps
+    from k2jax.ckpt import convert
+    from k2jax.ckpt.hf import tensor_maps
 
     folder, _ = fp8_checkpoint
     whole = k2jax.load(import_hf(folder, str(tmp_path / "whole"), dtype="float32", quiet=True))
@@ -96,9 +96,9 @@ def test_strips_of_large_tensors_give_the_same_checkpoint(fp8_checkpoint, tmp_pa
                          chunk_bytes=20_000)
     src = SafetensorsFolder(folder)
     fp8 = {m.path: src.info(m.hf_names()[0])[0] == np.dtype(ml_dtypes.float8_e4m3fn)
-           for m in tensor_maps(whole.config, k2jax.init.abstract_model(whole.config)[1])}
+           for m in tensor_maps(whole.config, k2jax.model.init.abstract_model(whole.config)[1])}
     splits = {m.path: convert._split(m, 4, fp8[m.path], 20_000)
-              for m in tensor_maps(whole.config, k2jax.init.abstract_model(whole.config)[1])}
+              for m in tensor_maps(whole.config, k2jax.model.init.abstract_model(whole.config)[1])}
     assert splits[("lm_head",)] and splits[("embed",)] and any(s and fp8[p] for p, s in splits.items()), splits
     for (pa, va), (pb, vb) in zip(nnx.to_flat_state(whole.state), nnx.to_flat_state(k2jax.load(stripped).state)):
         assert pa == pb and np.array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value())), pa
@@ -126,7 +126,7 @@ def test_bf16_round_trip_is_bit_exact_and_loads_in_transformers(hf_tiny, tmp_pat
 
 def test_fp8_export_requantises_in_the_official_layout(hf_tiny, tmp_path):
     import_hf(hf_tiny[0], str(tmp_path / "ck"), dtype="float32", quiet=True)
-    from k2jax.convert import export_hf
+    from k2jax.ckpt.convert import export_hf
 
     export_hf(str(tmp_path / "ck"), str(tmp_path / "fp8"), fp8=True, quiet=True)
     out, ref = SafetensorsFolder(str(tmp_path / "fp8")), SafetensorsFolder(hf_tiny[0])
@@ -139,7 +139,7 @@ def test_fp8_export_requantises_in_the_official_layout(hf_tiny, tmp_path):
 
 
 def test_interrupted_conversion_resumes_to_an_identical_checkpoint(hf_tiny, tmp_path, monkeypatch):
-    from k2jax import hf as hf_mod
+    from k2jax.ckpt import hf as hf_mod
 
     import_hf(hf_tiny[0], str(tmp_path / "straight"), dtype="bfloat16", quiet=True)
     calls = {"n": 0}
@@ -232,3 +232,28 @@ def test_bad_sources_fail_before_writing(hf_tiny, tmp_path, case, message):
     with pytest.raises((CheckpointError, k2jax.ConfigError), match=message):
         import_hf(str(src), str(tmp_path / "out"), quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_checkpoints_of_the_earlier_layout_still_load(tmp_path, hf_tiny, tokens_2x64):
+    """A checkpoint whose config item is the earlier flat dict (architecture and execution fields together)
+    loads into the same model, its parameters in the dtype it names; the current layout stores the
+    architecture and the saved dtype apart."""
+    import dataclasses
+    import json
+
+    from k2jax.ckpt import orbax as ckpt
+
+    model = k2jax.load_hf(hf_tiny[0])
+    with ckpt.manager(str(tmp_path), async_save=False) as mgr:
+        mgr.save(0, args=ckpt.save_args(model.state, model.config, "float32"))
+    cfg_dir = tmp_path / "0" / "config"
+    (name,) = [f for f in os.listdir(cfg_dir) if not f.startswith("_")]
+    assert json.loads((cfg_dir / name).read_text()) == {"architecture": dataclasses.asdict(model.config),
+                                                        "param_dtype": "float32"}
+    earlier = {**dataclasses.asdict(model.config), "param_dtype": "float32", "dtype": "float32", "scan_layers": True,
+               "remat_policy": "none", "moe_impl": "auto", "moe_block_size": 0, "moe_capacity_factor": 0.0,
+               "moe_block_unroll": 1, "attn_chunk": 0}
+    (cfg_dir / name).write_text(json.dumps(earlier))
+    old = k2jax.load(str(tmp_path))
+    assert old.config == model.config and (old.execution.param_dtype, old.execution.dtype) == ("float32", "float32")
+    np.testing.assert_array_equal(np.asarray(old.logits(tokens_2x64)), np.asarray(model.logits(tokens_2x64)))

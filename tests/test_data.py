@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from k2jax.data import DataError, JsonlSource, loss_mask, make_dataset, open_source
+from k2jax.data.pipeline import DataError, JsonlSource, loss_mask, make_dataset, open_source
 
 DOCS = [f"document number {i} says " + " ".join(["word%d" % (i * 7 + j) for j in range(i % 13 + 1)])
         for i in range(60)]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import k2jax
-from k2jax.decode import DecodeError
+from k2jax.inference.sampler import DecodeError
 
 PROMPT_LENS = (5, 17, 9)
 
@@ -109,7 +109,7 @@ def test_request_errors(model, small_tokenizer):
         model.generate([[1, 2, 3]], max_new_tokens=model.config.max_position_embeddings)
     with pytest.raises(DecodeError, match=r"prompts\[0\] has token ids outside"):
         model.generate([[1, 99999]])
-    from k2jax.tokenizer import TokenizerError
+    from k2jax.text.tokenizer import TokenizerError
 
     with pytest.raises(TokenizerError, match="vocab_size"):
         k2jax.Model(model.config.replace(vocab_size=1024, bos_token_id=1, eos_token_id=2, pad_token_id=3),
@@ -122,30 +122,50 @@ def test_string_prompts_with_tokenizer(model, small_tokenizer):
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
 
 
+def _expert_copies(hlo_text: str, d: int, f: int) -> list[str]:
+    """Instructions of a compiled program that hold more than one expert's [d, f] / [f, d] kernel (aliases aside)."""
+    copies = []
+    for line in hlo_text.splitlines():
+        found = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]+)\]\S* ([\w-]+)\(", line)
+        if found and found.group(2) not in ("parameter", "get-tuple-element", "bitcast"):  # aliases, not copies
+            dims = [int(v) for v in found.group(1).split(",")]
+            if dims[-2:] in ([d, f], [f, d]) and math.prod(dims[:-2]) > 1:
+                copies.append(line.strip()[:160])
+    return copies
+
+
+def _compiled_sampler(model, prompts, max_new=4):
+    """The compiled prefill and decode step of `model`'s sampler for `prompts`."""
+    sampler = model.sampler()
+    max_len = sampler.check_request(prompts, max_new)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens = np.zeros((len(prompts), lengths.max()), np.int32)
+    _, cache, _ = sampler.prefill(prompts, max_len)
+    with jax.set_mesh(model.mesh):
+        return {"prefill": sampler._jit_prefill.lower(model.state, tokens, lengths, max_len).compile(),
+                "decode": sampler.jit_decode_step.lower(model.state, cache, lengths, lengths).compile()}
+
+
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
 def test_decode_reads_each_chosen_expert_in_place(model, prompts, compute):
     """The compiled prefill and decode step never hold more than one expert's kernel at a time: no layer's
     [e, d, f] experts sliced out of the stack, no [t, k, d, f] gather of every assignment's kernels, and with
     float32 parameters and bfloat16 compute no conversion of the whole stacks."""
     if compute != "float32":
-        model = k2jax.random_model(model.config.replace(param_dtype="float32", dtype=compute))
+        model = k2jax.random_model(model.config, execution=model.execution.replace(param_dtype="float32",
+                                                                                   dtype=compute))
+    c = model.config
+    for name, exe in _compiled_sampler(model, prompts).items():
+        assert not _expert_copies(exe.as_text(), c.hidden_size, c.moe_intermediate_size), name
+
+
+def test_expert_copy_check_flags_programs_that_copy_experts(model, prompts, tokens_2x64):
+    """Positive controls of the check above: decoding with moe_impl='gather' (every assignment's kernels gathered)
+    and the full forward without a cache (the scan over layers slices each layer's experts) are flagged."""
     c = model.config
     d, f = c.hidden_size, c.moe_intermediate_size
-    sampler = model.sampler()
-    max_len = sampler.check_request(prompts, 4)
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    tokens = np.zeros((len(prompts), lengths.max()), np.int32)
-    _, cache, _ = sampler.prefill(prompts, max_len)
+    gather = model.with_execution(moe_impl="gather")
+    assert _expert_copies(_compiled_sampler(gather, prompts)["decode"].as_text(), d, f)
     with jax.set_mesh(model.mesh):
-        compiled = {
-            "prefill": sampler._jit_prefill.lower(model.state, tokens, lengths, max_len).compile(),
-            "decode": sampler.jit_decode_step.lower(model.state, cache, lengths, lengths).compile()}
-    for name, exe in compiled.items():
-        copies = []
-        for line in exe.as_text().splitlines():
-            found = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]+)\]\S* ([\w-]+)\(", line)
-            if found and found.group(2) not in ("parameter", "get-tuple-element", "bitcast"):  # aliases, not copies
-                dims = [int(v) for v in found.group(1).split(",")]
-                if dims[-2:] in ([d, f], [f, d]) and math.prod(dims[:-2]) > 1:
-                    copies.append(line.strip()[:160])
-        assert not copies, (name, copies)
+        full = model._forward.lower(model.state, tokens_2x64, None, None).compile()
+    assert _expert_copies(full.as_text(), d, f)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import k2jax
-from k2jax.safetensors_io import CheckpointError, SafetensorsFolder, write_safetensors
-from k2jax.sharding import ShardingError, ShardingRules, make_mesh, parse_mesh_spec
+from k2jax.ckpt.safetensors import CheckpointError, SafetensorsFolder, write_safetensors
+from k2jax.model.sharding import ShardingError, ShardingRules, make_mesh, parse_mesh_spec
 
 
 def test_heads_not_divisible_by_tensor_axis(tiny_config):

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from k2jax.layers.grouped import ideal_moe_flops
-from k2jax.layers.moe import MoE
-from k2jax.sharding import ShardingRules, make_mesh
-from conftest import GROUPED
+from k2jax.model.layers.grouped import ideal_moe_flops
+from k2jax.model.layers.moe import MoE
+from k2jax.model.sharding import ShardingRules, make_mesh
+from conftest import TINY_RUN
+from k2jax.testing.reference import GROUPED
 
 
 def numpy_moe(x, p, c):
@@ -36,8 +37,8 @@ def numpy_moe(x, p, c):
     return out + (silu(x @ sh["gate"]) * (x @ sh["up"])) @ sh["down"]
 
 
-def _moe(config, bias=None):
-    moe = MoE(config, ShardingRules(), rngs=nnx.Rngs(3))
+def _moe(config, bias=None, run=TINY_RUN):
+    moe = MoE(config, run, ShardingRules(), rngs=nnx.Rngs(3))
     moe.router_bias[...] = jnp.asarray(bias if bias is not None else
                                        np.random.default_rng(1).normal(0, 0.05, config.n_routed_experts), jnp.float32)
     for norm_like in (moe.wg, moe.wu, moe.wd):  # larger weights so experts differ visibly
@@ -54,8 +55,8 @@ def test_moe_layer_flops_near_ideal(tiny_config):
 
     XLA's cost analysis counts a loop body once, so the loop over blocks is unrolled for the count.
     """
-    config = tiny_config.replace(moe_block_unroll=0)
-    moe = MoE(config, ShardingRules(), rngs=nnx.Rngs(0))
+    config = tiny_config
+    moe = MoE(config, TINY_RUN.replace(moe_block_unroll=0), ShardingRules(), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(moe)
     x = jax.ShapeDtypeStruct((2, 2048, config.hidden_size), jnp.float32)
     compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0]).lower(state, x).compile()
@@ -67,8 +68,8 @@ def test_moe_layer_flops_near_ideal(tiny_config):
                                          ("loop", 0)])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_moe_matches_float64_reference(tiny_config, impl, block, grouped):
-    c = tiny_config.replace(moe_impl=impl, moe_block_size=block, **(GROUPED if grouped else {}))
-    moe = _moe(c)
+    c = tiny_config.replace(**(GROUPED if grouped else {}))
+    moe = _moe(c, run=TINY_RUN.replace(moe_impl=impl, moe_block_size=block))
     x = np.random.default_rng(2).normal(size=(2, 96, c.hidden_size)).astype(np.float32)
     out = np.asarray(moe(jnp.asarray(x))[0])
     ref = numpy_moe(x.reshape(-1, c.hidden_size), _numpy_params(moe), c).reshape(x.shape)
@@ -94,7 +95,7 @@ def test_skewed_routing_is_dropless_under_expert_parallelism(tiny_config, layout
 
 def test_auto_on_cpu_uses_blocks_of_at_least_cpu_min_block_rows(tiny_config):
     """'auto' on CPU: blocks of >= CPU_MIN_BLOCK rows; an explicit 'blocks' keeps the padding rule (8 rows here)."""
-    from k2jax.layers.grouped import CPU_MIN_BLOCK, block_size_for, expert_ffn
+    from k2jax.model.layers.grouped import CPU_MIN_BLOCK, block_size_for, expert_ffn
 
     c = tiny_config
     t, k, e, d, f = 192, c.num_experts_per_tok, c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
@@ -111,7 +112,7 @@ def test_auto_on_cpu_uses_blocks_of_at_least_cpu_min_block_rows(tiny_config):
 def test_expert_ffn_gradients_agree_across_impls(tiny_config):
     """ragged (custom VJP, groups padded only backward), blocks (custom VJP), loop and gather: same gradients
     (inputs, routing weights, expert weights)."""
-    from k2jax.layers.grouped import expert_ffn
+    from k2jax.model.layers.grouped import expert_ffn
 
     c = tiny_config
     rng = np.random.default_rng(3)
@@ -135,7 +136,7 @@ def test_expert_ffn_gradients_agree_across_impls(tiny_config):
 def test_stacked_kernels_read_at_a_layer_equal_that_layers_kernels(tiny_config, impl):
     """expert_ffn over kernels stacked on a leading layer axis, given a (traced) layer index, equals expert_ffn
     over that layer's own kernels; ids of other shards' experts (outside [0, e)) contribute nothing."""
-    from k2jax.layers.grouped import expert_ffn
+    from k2jax.model.layers.grouped import expert_ffn
 
     c = tiny_config
     rng = np.random.default_rng(6)
@@ -164,10 +165,10 @@ def test_save_moe_remat_recomputes_no_expert_matmul(tiny_config):
     """remat_policy='save_moe' keeps the experts' hidden rows: a rematerialised MoE layer's gradient costs what
     the plain one does (CPU cost analysis, loop over blocks unrolled) and equals it; 'full' recomputes the
     forward (>= 1.1x here)."""
-    from k2jax.model import _REMAT
+    from k2jax.model.transformer import _REMAT
 
-    c = tiny_config.replace(moe_impl="blocks", moe_block_size=16, moe_block_unroll=0)
-    graphdef, state = nnx.split(_moe(c))
+    c = tiny_config
+    graphdef, state = nnx.split(_moe(c, run=TINY_RUN.replace(moe_impl="blocks", moe_block_size=16, moe_block_unroll=0)))
     x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 64, c.hidden_size)), jnp.float32)
 
     def grad_fn(policy):

@@ -5,8 +5,10 @@ import numpy as np
 import optax
 
 import k2jax
-from k2jax.optim import NS_COEFFS, OptimConfig, _path_names, make_optimizer
-from k2jax.train import Trainer
+from k2jax.model.params import state_path
+from conftest import TINY_RUN
+from k2jax.train.optim import NS_COEFFS, OptimConfig, make_optimizer
+from k2jax.train.step import Trainer
 
 LR, WD, MU = 0.02, 0.1, 0.95
 
@@ -41,7 +43,7 @@ def _muon_direction64(name, m, kv_lora_rank):
 
 
 def _flat(tree):
-    return {_path_names(k): np.asarray(v, np.float64) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {state_path(k): np.asarray(v, np.float64) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def test_muon_matches_float64_numpy_and_the_layer_loop_equals_the_batched_update(tiny_config):
@@ -51,7 +53,7 @@ def test_muon_matches_float64_numpy_and_the_layer_loop_equals_the_batched_update
     mesh = k2jax.make_mesh("", devices=jax.devices()[:1])
     o = OptimConfig(learning_rate=LR, schedule="constant", warmup_steps=0, weight_decay=WD, muon_momentum=MU,
                     grad_clip=1e9)
-    trainer = Trainer(tiny_config, o, mesh)
+    trainer = Trainer(tiny_config, o, mesh, execution=TINY_RUN)
     rng = np.random.default_rng(0)
     rand = lambda t: jax.tree.map(lambda v: rng.standard_normal(v.shape).astype(np.float32), t)  # noqa: E731
     params = rand(trainer.abstract_params)

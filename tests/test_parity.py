@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 import k2jax
-from k2jax.init import logical_names
-from conftest import hf_logits
+from k2jax.model.params import is_stacked, spec_of
+from k2jax.testing.reference import hf_logits
 
 LAYOUTS = ["data=8", "data=2,expert=4", "data=2,expert=2,tensor=2", "fsdp=2,expert=2,tensor=2"]
 
@@ -37,9 +37,9 @@ def test_sharded_logits_equal_one_device(layout, hf_tiny, one_device, tokens_2x6
     np.testing.assert_allclose(np.asarray(model.logits(tokens_2x64)), np.asarray(one_device.logits(tokens_2x64)),
                                atol=1e-5, rtol=0)
     # every parameter sits where the rules table says
-    names = dict(nnx.to_flat_state(logical_names(nnx.state(nnx.eval_shape(lambda: model.module)))))
     for path, var in nnx.to_flat_state(model.state):
-        want = model.rules.spec(names[path].get_value(), model.mesh)
+        names = (("layers",) if is_stacked(path) else ()) + spec_of(path).axes  # the declaration's axes
+        want = model.rules.spec(names, model.mesh)
         assert var.get_value().sharding.spec == want, path
     sizes = dict(model.mesh.shape)
     wg = model.state["moe_layers"]["mlp"]["wg"].get_value()
@@ -87,7 +87,7 @@ def test_chunked_attention_matches_one_score_matrix(hf_tiny, one_device, tokens_
 
     def run(model):
         def loss(state):
-            h, stats = nnx.merge(model.graphdef, state).hidden(tokens_2x64, pos, seg)
+            h, _, stats = nnx.merge(model.graphdef, state).forward(tokens_2x64, pos, seg, head=False)
             return (h ** 2).sum(), stats
 
         (value, stats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(model.state)
@@ -111,7 +111,7 @@ def test_remat_policies_keep_gradients_and_save_moe_attn_recomputes_little(hf_ti
         model = k2jax.load_hf(hf_tiny[0], remat_policy=policy, moe_impl="blocks", attn_chunk=16)
 
         def loss(state):
-            return (nnx.merge(model.graphdef, state).hidden(tokens_2x64)[0] ** 2).sum()
+            return (nnx.merge(model.graphdef, state).forward(tokens_2x64, head=False)[0] ** 2).sum()
 
         fn = jax.jit(jax.grad(loss))
         return fn(model.state), fn.lower(model.state).compile().cost_analysis()["flops"]

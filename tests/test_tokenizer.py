@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import regex
 
-from k2jax.chat import apply_chat_template, parse_tool_calls
-from k2jax.config import load_config
-from k2jax.tokenizer import ORIGINAL_PATTERN, PATTERN, TokenizerError, load_tokenizer, write_ranks
+from k2jax.text.chat import apply_chat_template, parse_tool_calls
+from k2jax.model.config import load_config
+from k2jax.text.tokenizer import ORIGINAL_PATTERN, PATTERN, TokenizerError, load_tokenizer, write_ranks
 
 SAMPLE = (
     "Hello, World! It's a test: we're here, they'll go, I'd say, YOU'VE SEEN IT'S DONE. "

@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 
 import k2jax
-from k2jax.data import make_dataset, open_source
-from k2jax.layers.common import RouterBias
-from k2jax.optim import OptimConfig, qk_clip
-from k2jax.train import LossConfig, Trainer
+from k2jax.data.pipeline import make_dataset, open_source
+from k2jax.model.params import RouterBias
+from conftest import TINY_RUN
+from k2jax.train.optim import OptimConfig, qk_clip
+from k2jax.train.step import LossConfig, Trainer
 
 
 def _batch(tokens, segs=None):
@@ -22,10 +23,11 @@ def _batch(tokens, segs=None):
             "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
 
 
-def _trainer(config, mesh_spec="", **optim):
+def _trainer(config, mesh_spec="", run=TINY_RUN, **optim):
     mesh = k2jax.make_mesh(mesh_spec, devices=None if mesh_spec else jax.devices()[:1])
     defaults = dict(learning_rate=1e-3, warmup_steps=1, total_steps=100)
-    return Trainer(config, OptimConfig(**{**defaults, **optim}), mesh, loss=LossConfig(aux_loss_alpha=0.0))
+    return Trainer(config, OptimConfig(**{**defaults, **optim}), mesh, loss=LossConfig(aux_loss_alpha=0.0),
+                   execution=run)
 
 
 def test_loss_and_grads_match_pytorch_autograd(hf_tiny, tiny_config):
@@ -43,7 +45,7 @@ def test_loss_and_grads_match_pytorch_autograd(hf_tiny, tiny_config):
     out = torch_model(ids, labels=ids)
     out.loss.backward()
     assert abs(float(loss) - out.loss.item()) <= 1e-5
-    from k2jax.hf import tensor_maps
+    from k2jax.ckpt.hf import tensor_maps
 
     worst = 0.0
     g_flat = dict(nnx.to_flat_state(grads))
@@ -101,7 +103,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
 def test_accumulation_dtype_for_bfloat16_parameters(tiny_config, accum):
     """With bf16 parameters the microbatch loop carries gradient sums in the parameters' dtypes (default) or in
     float32 (`grad_accum_dtype`), and hands gradients of each parameter's dtype on."""
-    t = _trainer(tiny_config.replace(param_dtype="bfloat16"), optimizer="adamw", grad_accum_dtype=accum)
+    t = _trainer(tiny_config, run=TINY_RUN.replace(param_dtype="bfloat16"), optimizer="adamw", grad_accum_dtype=accum)
     t.microbatches = 4
     state = t.abstract_state()
     spec = jax.ShapeDtypeStruct((8, 32), jnp.int32)
@@ -127,7 +129,7 @@ def _max_logits_jit(trainer, params, bias, batch, inputs_from):
     """Per stack [layers, heads] max attention logits of `params`, each layer fed the hidden states that the
     model with `inputs_from` params (default: the same) gives it: QK-Clip's guarantee is per head, on the
     same activations."""
-    from k2jax.layers.rope import rope_cos_sin, yarn_inv_freq
+    from k2jax.model.layers.rope import rope_cos_sin, yarn_inv_freq
 
     new = nnx.merge(trainer.graphdef, params, bias)
     old = nnx.merge(trainer.graphdef, *inputs_from)
@@ -143,7 +145,7 @@ def _max_logits_jit(trainer, params, bias, batch, inputs_from):
             blk_new = nnx.merge(g, jax.tree.map(lambda a: a[i], st_new))
             blk_old = nnx.merge(g, jax.tree.map(lambda a: a[i], st_old))
             rows.append(blk_new.attn(blk_new.attn_norm(x), cos, sin, seg)[1])
-            x, _ = blk_old(x, cos, sin, seg)
+            x = blk_old(x, cos, sin, seg)[0]
         out[name] = jnp.stack(rows)
     return out
 
@@ -201,7 +203,7 @@ def test_step_applies_qk_clip_and_moves_router_bias_toward_balance(tiny_config):
 @pytest.fixture(scope="module")
 def corpus_batches(small_tokenizer, tmp_path_factory):
     """The first 100 batches [8, 64] of the packed embedded-corpus sample (pydoc topics + stdlib docstrings)."""
-    from k2jax.corpus import default_corpus
+    from k2jax.data.corpus import default_corpus
 
     path = default_corpus(str(tmp_path_factory.mktemp("corpus")), min_bytes=2_000_000)
     ds = make_dataset(open_source(path), small_tokenizer.path, seq_len=64, batch_size=8, seed=0)
@@ -238,7 +240,7 @@ def test_eight_device_mesh_agrees_and_learns(tiny_config, corpus_batches, one_de
 
 def test_chunked_cross_entropy_matches_float64():
     """Vocabulary chunks (rematerialised) and one whole-vocabulary chunk give the float64 loss and gradients."""
-    from k2jax.loss import chunked_cross_entropy
+    from k2jax.train.loss import chunked_cross_entropy
 
     rng = np.random.default_rng(0)
     n, d, v = 48, 16, 1024
@@ -261,7 +263,7 @@ def test_training_splits_dense_weights_and_their_state_over_the_whole_batch_grou
     """ZeRO-3 over fsdp x expert: every dense weight (and its optimizer state) is split 8 ways on fsdp=2,expert=4,
     expert weights over expert x fsdp; decoding's table keeps dense weights off `expert`. A hidden size the
     group does not divide is refused by name."""
-    from k2jax.sharding import ShardingError, ShardingRules
+    from k2jax.model.sharding import ShardingError, ShardingRules
 
     trainer = _trainer(tiny_config, "fsdp=2,expert=4")
     state = trainer.abstract_state()

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 from absl import flags
 
-from k2jax.config import K2Config, load_config
+from k2jax.model.config import Execution, K2Config, load_preset, parse_assignments
 
 
-def parse_sets(items: list[str] | None) -> dict[str, str]:
-    """['a=1', 'b=x'] -> {'a': '1', 'b': 'x'}; a malformed item raises naming the flag."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise flags.ValidationError(f"--set {item!r}: expected key=value")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
-
-
-def config_from_flags(config: str, sets: list[str] | None) -> K2Config:
-    """The preset/file/config.json named by --config with --set overrides applied (type-checked)."""
-    return load_config(config, **parse_sets(sets))
+def config_from_flags(config: str, sets: list[str] | None) -> tuple[K2Config, Execution]:
+    """(architecture, execution) of the preset/file/config.json named by --config, with --set overrides applied
+    to whichever of the two has each field (type-checked)."""
+    return load_preset(config, **parse_assignments(sets))
 
 
 def use_compilation_cache(flag: str | None, default_dir: str) -> str | None:
@@ -61,9 +51,7 @@ def run_main(main, *, host_malloc: bool = False):
 
         reexec_with_host_malloc()
 
-    from k2jax.config import ConfigError
-    from k2jax.safetensors_io import CheckpointError
-    from k2jax.sharding import ShardingError
+    from k2jax.errors import K2Error
 
     def guarded(argv):
         from absl import logging
@@ -71,7 +59,7 @@ def run_main(main, *, host_malloc: bool = False):
         logging.set_verbosity(logging.ERROR)  # Orbax and grain log every step at INFO/WARNING
         try:
             return main(argv)
-        except (ConfigError, ShardingError, CheckpointError, flags.ValidationError, ValueError) as e:
+        except (K2Error, flags.ValidationError) as e:
             import sys
 
             print(f"error: {e}", file=sys.stderr)

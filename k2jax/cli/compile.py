@@ -23,7 +23,8 @@ flags.DEFINE_integer("seq", 4096, "Train sequence length.")
 flags.DEFINE_integer("context", 32768, "Decode cache length.")
 flags.DEFINE_integer("microbatches", 1, "Gradient accumulation microbatches (train).")
 flags.DEFINE_enum("cache_dtype", "bfloat16", ["bfloat16", "float32", "int8"], "Decode cache dtype.")
-flags.DEFINE_multi_string("set", [], "Config override key=value (repeatable), e.g. --set param_dtype=bfloat16.")
+flags.DEFINE_multi_string("set", [], "Config override key=value (repeatable): execution (e.g. param_dtype=bfloat16) "
+                          "or architecture fields.")
 flags.DEFINE_enum("grad_accum_dtype", "param", ["param", "float32"],
                   "Gradient sums over --microbatches: in the parameters' dtype or float32.")
 flags.DEFINE_integer("flops_batch", 0, "Sequences in the 2- and 3-layer builds that count FLOPs (train; default one "
@@ -35,24 +36,24 @@ def main(argv):
     del argv
     from k2jax import aot
 
-    config = config_from_flags(FLAGS.config, FLAGS.set)
+    config, execution = config_from_flags(FLAGS.config, FLAGS.set)
     chip, chips, topo = aot.parse_topology(FLAGS.topology)
     print(f"{FLAGS.topology}: {chips} x {chip.family} chips ({topo}), {chip.hbm_bytes / aot.GiB:.2f} GiB HBM each")
 
-    def one(mesh, cfg):
+    def one(mesh, run):
         aot.check_mesh(mesh, chips)
         if FLAGS.mode == "train":
-            return aot.compile_train(cfg, FLAGS.topology, mesh, batch=FLAGS.batch or chips, seq=FLAGS.seq,
+            return aot.compile_train(config, FLAGS.topology, mesh, batch=FLAGS.batch or chips, seq=FLAGS.seq,
                                      microbatches=FLAGS.microbatches, flops_batch=FLAGS.flops_batch or None,
-                                     grad_accum_dtype=FLAGS.grad_accum_dtype,
+                                     grad_accum_dtype=FLAGS.grad_accum_dtype, execution=run,
                                      progress=lambda line: print(f"  ({line})", file=sys.stderr, flush=True))
-        return aot.compile_decode(cfg, FLAGS.topology, mesh, batch=FLAGS.batch or 1, context=FLAGS.context,
-                                  cache_dtype=FLAGS.cache_dtype)
+        return aot.compile_decode(config, FLAGS.topology, mesh, batch=FLAGS.batch or 1, context=FLAGS.context,
+                                  cache_dtype=FLAGS.cache_dtype, execution=run)
 
     if not FLAGS.search:
         mesh = FLAGS.mesh or f"fsdp={chips}"
         try:
-            report = one(mesh, config)
+            report = one(mesh, execution)
         except aot.DoesNotFit as e:
             print(f"{FLAGS.mode} step on {FLAGS.topology}, mesh {mesh}: DOES NOT FIT: the compiler needs "
                   f"{e.required / aot.GiB:.2f} GiB per chip {e.what}, {e.available / aot.GiB:.2f} GiB "
@@ -61,11 +62,11 @@ def main(argv):
         print("\n".join(report.lines(chip.peak_flops)))
         return 0 if report.fits else 1
     rows = []
-    remats = ("full", "save_moe", "dots_no_batch") if FLAGS.mode == "train" else (config.remat_policy,)
+    remats = ("full", "save_moe", "dots_no_batch") if FLAGS.mode == "train" else (execution.remat_policy,)
     for mesh in aot.candidate_meshes(chips, config):
         for remat in remats:
             try:
-                r = one(mesh, config.replace(remat_policy=remat))
+                r = one(mesh, execution.replace(remat_policy=remat))
                 rows.append((mesh, remat, r.fits, r.total_bytes / aot.GiB, r.seconds, r.mfu(chip.peak_flops), ""))
             except aot.DoesNotFit as e:
                 rows.append((mesh, remat, False, e.required / aot.GiB, float("inf"), 0.0, e.what.replace("of ", "")))

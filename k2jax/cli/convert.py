@@ -29,7 +29,7 @@ def main(argv):
 
     if not os.environ.get("JAX_PLATFORMS"):  # conversion is host work: never bring up an accelerator runtime
         jax.config.update("jax_platforms", "cpu")
-    from k2jax.convert import export_hf, import_hf
+    from k2jax.ckpt.convert import export_hf, import_hf
 
     if not FLAGS.output_dir:
         raise flags.ValidationError("--output_dir is required")

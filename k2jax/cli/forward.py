@@ -22,10 +22,10 @@ flags.DEFINE_integer("repeats", 3, "Timed forward passes.")
 flags.DEFINE_integer("seed", 0, "Initialisation seed.")
 
 
-def forward_report(config, mesh_spec: str, batch: int, seq: int, repeats: int, seed: int) -> dict:
+def forward_report(config, mesh_spec: str, batch: int, seq: int, repeats: int, seed: int, execution=None) -> dict:
     """Initialises a random model and measures its forward pass; returns the figures printed by the CLI."""
     total, active = k2jax.param_count(config)
-    model = k2jax.random_model(config, mesh=k2jax.make_mesh(mesh_spec), seed=seed)
+    model = k2jax.random_model(config, mesh=k2jax.make_mesh(mesh_spec), seed=seed, execution=execution)
     tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, seq)).astype(np.int32)
     t0 = time.perf_counter()
     logits = np.asarray(model.logits(tokens))
@@ -42,8 +42,8 @@ def forward_report(config, mesh_spec: str, batch: int, seq: int, repeats: int, s
 
 def main(argv):
     del argv
-    config = config_from_flags(FLAGS.config, FLAGS.set)
-    r = forward_report(config, FLAGS.mesh, FLAGS.batch, FLAGS.seq, FLAGS.repeats, FLAGS.seed)
+    config, execution = config_from_flags(FLAGS.config, FLAGS.set)
+    r = forward_report(config, FLAGS.mesh, FLAGS.batch, FLAGS.seq, FLAGS.repeats, FLAGS.seed, execution)
     print(f"model: {r['total_params']:,} parameters ({r['active_params']:,} active per token)")
     print(f"mesh: {r['mesh']} on {jax.device_count()} {jax.default_backend()} device(s)")
     print(f"forward [{FLAGS.batch} x {FLAGS.seq}]: first call (compile) {r['compile_s']:.2f}s, "

@@ -38,7 +38,7 @@ def main(argv):
     import jax
 
     import k2jax
-    from k2jax.chat import apply_chat_template
+    from k2jax.text.chat import apply_chat_template
 
     modes = sum(x is not None and x is not False for x in (FLAGS.prompt, FLAGS.prompt_ids, FLAGS.chat or None))
     if modes != 1:
@@ -51,7 +51,7 @@ def main(argv):
         for out in model.generate(ids, **sample):
             print(",".join(map(str, out)))
         return 0
-    from k2jax.corpus import default_tokenizer
+    from k2jax.data.corpus import default_tokenizer
 
     model.attach_tokenizer(FLAGS.tokenizer or default_tokenizer())
     tok = model.tokenizer

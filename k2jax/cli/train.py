@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
 import jax
 from absl import flags
 
-from k2jax.cli.common import config_from_flags, parse_sets, run_main, use_compilation_cache
+from k2jax.cli.common import config_from_flags, run_main, use_compilation_cache
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "Preset name, preset file (configs/tiny.py) or HF config.json.")
 flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics.jsonl and TensorBoard events; resumes if it has checkpoints.")
 flags.DEFINE_string("mesh", "", "Mesh spec such as data=2,expert=4 (default: all devices on data).")
-flags.DEFINE_multi_string("set", [], "Model config override key=value (repeatable), e.g. --set remat_policy=full.")
+flags.DEFINE_multi_string("set", [], "Config override key=value (repeatable): an execution setting (remat_policy, "
+                          "moe_impl, attn_chunk, param_dtype, ...) or an architecture field, e.g. --set remat_policy=full.")
 flags.DEFINE_multi_string("opt", [], "Optimizer override key=value (repeatable), e.g. --opt optimizer=adamw.")
 flags.DEFINE_integer("steps", 300, "Train until this step.")
 flags.DEFINE_integer("batch", 8, "Global batch size in sequences.")
@@ -59,22 +59,13 @@ def main(argv):
     del argv
     init_distributed()
     import k2jax
-    from k2jax.loop import RunConfig, train
-    from k2jax.optim import OptimConfig
+    from k2jax.model.config import override, parse_assignments
+    from k2jax.train.loop import RunConfig, train
+    from k2jax.train.optim import OptimConfig
 
-    config = config_from_flags(FLAGS.config, FLAGS.set)
-    opt_fields = {f.name: f for f in dataclasses.fields(OptimConfig)}
-    opt_kw = dict(learning_rate=FLAGS.lr, warmup_steps=FLAGS.warmup, total_steps=FLAGS.steps,
-                  min_learning_rate=FLAGS.lr / 10)
-    for k, v in parse_sets(FLAGS.opt).items():
-        if k not in opt_fields:
-            raise flags.ValidationError(f"--opt {k}=...: unknown optimizer field; known: {', '.join(opt_fields)}")
-        typ = opt_fields[k].type
-        try:
-            opt_kw[k] = {"int": int, "float": float, "str": str}[typ](v)
-        except (KeyError, ValueError):
-            raise flags.ValidationError(f"--opt {k}={v!r}: expected {typ}") from None
-    optim = OptimConfig(**opt_kw)
+    config, execution = config_from_flags(FLAGS.config, FLAGS.set)
+    optim = override(OptimConfig(learning_rate=FLAGS.lr, warmup_steps=FLAGS.warmup, total_steps=FLAGS.steps,
+                                 min_learning_rate=FLAGS.lr / 10), parse_assignments(FLAGS.opt, "--opt"))
     mesh = k2jax.make_mesh(FLAGS.mesh)
     run = RunConfig(workdir=FLAGS.workdir, steps=FLAGS.steps, batch=FLAGS.batch, seq=FLAGS.seq,
                     microbatches=FLAGS.microbatches, save_every=FLAGS.save_every, keep=FLAGS.keep,
@@ -84,11 +75,11 @@ def main(argv):
     # after the flags above are checked, so a bad one leaves no directory behind; before anything compiles
     use_compilation_cache(FLAGS.compilation_cache_dir, os.path.join(FLAGS.workdir, "compile_cache"))
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
-    result = train(config, optim, run, mesh, log=log)
+    result = train(config, optim, run, mesh, log=log, execution=execution)
     if result.get("preempted"):
         return 0
     if FLAGS.sample_tokens > 0 and jax.process_index() == 0 and jax.process_count() == 1:
-        from k2jax.loop import resolve_data
+        from k2jax.train.loop import resolve_data
 
         from k2jax.cli.stream import stream_one
 

@@ -1,0 +1,1 @@
+"""Checkpoints: the Orbax layout, official HF tensor names, safetensors reading/writing, conversion."""

@@ -1,0 +1,1 @@
+"""Data: the grain pipeline (JSONL / text / ArrayRecord, packing) and the embedded corpus."""

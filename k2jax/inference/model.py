@@ -1,0 +1,175 @@
+"""The user-facing model handle and its constructors: `k2jax.load_hf(dir)`, `k2jax.load(checkpoint)`,
+`k2jax.random_model(config)`; then `.logits(token_ids)` and `.generate(prompts)`."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from k2jax.errors import DecodeError
+from k2jax.model.config import Execution, K2Config, configure, from_hf_config
+from k2jax.model.init import init_model, place
+from k2jax.model.sharding import ShardingRules, batch_divisor, make_mesh
+
+
+class Model:
+    """A K2 model placed on a mesh: architecture, execution settings, mesh, rules, graphdef and the sharded state."""
+
+    def __init__(self, config: K2Config, graphdef, state, mesh: Mesh, rules: ShardingRules, tokenizer=None, *,
+                 execution: Execution | None = None):
+        self.config, self.graphdef, self.state, self.mesh, self.rules = config, graphdef, state, mesh, rules
+        self.execution = execution or Execution()
+        self.tokenizer = tokenizer
+        self._samplers = {}
+
+    def with_execution(self, execution: Execution | None = None, **changes) -> "Model":
+        """The same weights run with other execution settings (a new graph over the same arrays, nothing copied)."""
+        from k2jax.model.init import abstract_model
+
+        execution = (execution or self.execution).replace(**changes)
+        graphdef, _ = abstract_model(self.config, self.rules, execution=execution)
+        return Model(self.config, graphdef, self.state, self.mesh, self.rules, self.tokenizer, execution=execution)
+
+    def attach_tokenizer(self, tokenizer_or_path) -> "Model":
+        """Attaches a k2jax Tokenizer (or the path of a tiktoken.model), checked against the config."""
+        from k2jax.text.tokenizer import Tokenizer, load_tokenizer
+
+        tok = tokenizer_or_path if isinstance(tokenizer_or_path, Tokenizer) else load_tokenizer(tokenizer_or_path)
+        tok.check_model(self.config)
+        self.tokenizer = tok
+        return self
+
+    def sampler(self, cache_dtype: str = "float32"):
+        """The decode Sampler of this model (one per cache dtype)."""
+        from k2jax.inference.sampler import Sampler
+
+        if cache_dtype not in self._samplers:
+            self._samplers[cache_dtype] = Sampler(self, cache_dtype)
+        return self._samplers[cache_dtype]
+
+    def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int = 0, stop=None, cache_dtype: str = "float32", stream=None):
+        """Continues each prompt (token-id lists, or strings with a tokenizer attached).
+
+        Returns the new token ids per prompt, or decoded strings for string prompts. Generation of a sequence
+        ends at a stop token (default: EOS, and <|im_end|> with a tokenizer) or after max_new_tokens.
+        """
+        strings = bool(prompts) and isinstance(prompts[0], str)
+        if strings:
+            if self.tokenizer is None:
+                raise DecodeError("prompts are strings but no tokenizer is attached (model.attach_tokenizer(path))")
+            prompts = [self.tokenizer.encode(p, allow_special="all") for p in prompts]
+        if stop is None:
+            stop = [self.config.eos_token_id] + ([self.tokenizer.im_end_id] if self.tokenizer else [])
+        outs = self.sampler(cache_dtype).generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                  top_k=top_k, top_p=top_p, seed=seed, stop=stop, stream=stream)
+        return [self.tokenizer.decode(o) for o in outs] if strings else outs
+
+    @property
+    def module(self):
+        """The nnx Transformer holding this model's state."""
+        return nnx.merge(self.graphdef, self.state)
+
+    @functools.cached_property
+    def _forward(self):
+        def fwd(state, tokens, positions, segment_ids):
+            return nnx.merge(self.graphdef, state)(tokens, positions, segment_ids)
+
+        return jax.jit(fwd)
+
+    def logits(self, token_ids, positions=None, segment_ids=None) -> jax.Array:
+        """float32 logits [batch, seq, vocab] for int token ids [batch, seq] (optional positions / segment ids)."""
+        tokens = np.asarray(token_ids)
+        if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
+            raise DecodeError(f"token_ids: expected an int array [batch, seq], got {tokens.dtype} {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise DecodeError(f"token_ids: ids must lie in [0, vocab_size={self.config.vocab_size}), got "
+                             f"[{tokens.min()}, {tokens.max()}]")
+        if tokens.shape[1] > self.config.max_position_embeddings:
+            raise DecodeError(f"token_ids: sequence length {tokens.shape[1]} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        b = tokens.shape[0]
+        pad = -b % batch_divisor(self.mesh, self.rules)
+
+        def prep(a, dtype):
+            if a is None:
+                return None
+            a = np.asarray(a, dtype)
+            return np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a
+
+        batch_sharding = self.rules.sharding(("batch", None), self.mesh)
+        args = [prep(tokens, np.int32), prep(positions, np.int32), prep(segment_ids, np.int32)]
+        args = [None if a is None else jax.device_put(a, batch_sharding) for a in args]
+        with jax.set_mesh(self.mesh):
+            out = self._forward(self.state, *args)
+        return out[:b] if pad else out
+
+
+def _settings(config: K2Config, execution: Execution | None, dtype, overrides) -> tuple[K2Config, Execution]:
+    """(config, execution) with `overrides` routed by field, then `dtype` (when given) as both parameter and
+    compute dtype."""
+    config, execution = configure(config, execution, overrides)
+    if dtype is not None:
+        name = jnp.dtype(dtype).name
+        execution = execution.replace(param_dtype=name, dtype=name)
+    return config, execution
+
+
+def _mesh(mesh) -> Mesh:
+    if mesh is None:
+        return make_mesh("", devices=jax.devices()[:1])
+    if isinstance(mesh, Mesh):
+        return mesh
+    return make_mesh(mesh)
+
+
+def load_hf(hf_dir: str, mesh: Mesh | str | None = None, dtype="float32", *, rules: ShardingRules | None = None,
+            execution: Execution | None = None, ignore_mtp: bool = False, **overrides) -> Model:
+    """Loads an HF-format K2 / DeepSeek-V3 folder (config.json + safetensors) into a Model on `mesh`.
+
+    `mesh`: a Mesh, a spec such as 'data=2,expert=4', or None for one device. `dtype` sets parameter and
+    compute dtype; `overrides` are execution settings (attn_chunk=16, moe_impl='ragged', ...) or architecture
+    fields. Every tensor is checked against the config before any weight is read.
+    """
+    from k2jax.ckpt.hf import load_hf_state
+
+    config, execution = _settings(from_hf_config(hf_dir, ignore_mtp=ignore_mtp), execution, dtype, overrides)
+    p = place(config, _mesh(mesh), rules, execution)
+    extra = (f"model.layers.{config.num_hidden_layers}.",) if ignore_mtp else ()
+    state = load_hf_state(hf_dir, config, p.abstract, p.shardings, allow_extra=extra)
+    return Model(config, p.graphdef, state, p.mesh, p.rules, execution=p.execution)
+
+
+def load(path: str, mesh: Mesh | str | None = None, dtype=None, *, rules: ShardingRules | None = None,
+         execution: Execution | None = None, **overrides) -> Model:
+    """Loads a k2jax checkpoint (converted or trained) into a Model on `mesh`, each shard restored in place.
+
+    `path`: a step directory, or a directory of steps (the latest complete one is used). The parameters keep
+    the dtype they were saved in, and compute in it too, unless `dtype` or `execution` say otherwise.
+    """
+    from k2jax.ckpt.orbax import check_shapes, read_config, resolve_step_dir, restore_model_state
+
+    step_dir = resolve_step_dir(path)
+    saved, saved_dtype = read_config(step_dir)
+    if execution is None:
+        execution = Execution(param_dtype=saved_dtype, dtype=saved_dtype)
+    config, execution = _settings(saved, execution, dtype, overrides)
+    p = place(config, _mesh(mesh), rules, execution)
+    check_shapes(step_dir, p.abstract)
+    state = restore_model_state(step_dir, p.abstract, p.shardings)
+    return Model(config, p.graphdef, state, p.mesh, p.rules, execution=p.execution)
+
+
+def random_model(config: K2Config, mesh: Mesh | str | None = None, *, rules: ShardingRules | None = None,
+                 execution: Execution | None = None, seed: int = 0, **overrides) -> Model:
+    """A randomly initialised Model (abstract-first, created in place on `mesh`)."""
+    config, execution = _settings(config, execution, None, overrides)
+    rules = rules or ShardingRules()
+    mesh = _mesh(mesh)
+    graphdef, state = init_model(config, mesh, rules, seed, execution)
+    return Model(config, graphdef, state, mesh, rules, execution=execution)

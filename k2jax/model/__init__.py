@@ -1,0 +1,1 @@
+"""The model: architecture config, sharding rules, parameter declarations, layers, transformer, initialisation."""

@@ -1,0 +1,147 @@
+"""Multi-head latent attention (MLA) with decoupled YaRN RoPE, causal and segment masking; with a cache, the
+same layer writes the new tokens' latent and rope key and attends over the cached ones."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from flax import nnx
+
+from k2jax.model import cache as kv_cache
+from k2jax.model.layers.common import RMSNorm, dtype_of, param
+from k2jax.model.layers.rope import apply_rope
+from k2jax.model.sharding import ShardingRules, constrain
+
+
+def attention_mask(segment_ids_bt: jax.Array | None, t: int) -> jax.Array:
+    """Boolean [b or 1, 1, t, t]: causal, and within one segment (packed documents never attend across)."""
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
+    if segment_ids_bt is None:
+        return causal
+    same = segment_ids_bt[:, None, :, None] == segment_ids_bt[:, None, None, :]
+    return causal & same
+
+
+class MLAttention(nnx.Module):
+    """MLA: q = W_qb·norm(W_qa·x); [c_kv ‖ k_rope] = W_kva·x; [k_nope ‖ v] = W_kvb·norm(c_kv)."""
+
+    def __init__(self, config, execution, rules: ShardingRules, *, rngs: nnx.Rngs):
+        c, run = config, execution
+        self.q_a = param(rngs, "attn.q_a", (c.hidden_size, c.q_lora_rank), c, run)
+        self.q_norm = RMSNorm("attn.q_norm", c.q_lora_rank, c, run, rngs=rngs)
+        self.q_b = param(rngs, "attn.q_b", (c.q_lora_rank, c.num_attention_heads, c.qk_head_dim), c, run)
+        self.kv_a = param(rngs, "attn.kv_a", (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim), c, run)
+        self.kv_norm = RMSNorm("attn.kv_norm", c.kv_lora_rank, c, run, rngs=rngs)
+        self.kv_b = param(rngs, "attn.kv_b", (c.kv_lora_rank, c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim),
+                          c, run)
+        self.o = param(rngs, "attn.o", (c.num_attention_heads, c.v_head_dim, c.hidden_size), c, run)
+        self.config, self.rules, self.dtype, self.chunk = c, rules, dtype_of(run.dtype), run.attn_chunk
+
+    def project(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array):
+        """Queries q_nope [b,t,h,n], q_rope [b,t,h,r] and the normalised latent c [b,t,c], rotated k_rope [b,t,r]."""
+        c, dt = self.config, self.dtype
+        x = x_btd.astype(dt)
+        q_btq = self.q_norm(checkpoint_name(jnp.einsum("btd,dq->btq", x, self.q_a[...].astype(dt)), "attn_lora"))
+        q_bthk = jnp.einsum("btq,qhk->bthk", q_btq, self.q_b[...].astype(dt))
+        q_bthk = checkpoint_name(constrain(q_bthk, self.rules, ("batch", "act_seq", "act_heads", None)), "attn_q")
+        q_nope, q_rope = q_bthk[..., : c.qk_nope_head_dim], q_bthk[..., c.qk_nope_head_dim:]
+        kv_btc = checkpoint_name(jnp.einsum("btd,dc->btc", x, self.kv_a[...].astype(dt)), "attn_lora")
+        latent_btc = self.kv_norm(kv_btc[..., : c.kv_lora_rank])
+        k_rope_btr = apply_rope(kv_btc[..., c.kv_lora_rank:], cos, sin)
+        q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None])
+        return q_nope, q_rope, latent_btc, k_rope_btr
+
+    def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_bt: jax.Array | None = None,
+                 *, cache: dict | None = None, layer=None, positions_bt: jax.Array | None = None):
+        """Self-attention over x [b, t, d]; returns (out [b, t, d], max pre-softmax logit per head [h], cache).
+
+        Without a cache: causal attention within each segment (training, a full forward). With one (a stack's
+        cache and this layer's index in it): the tokens' latent and rope key are written at `positions_bt`
+        [b, t], then the queries attend over every cached position up to their own: a single token in the
+        latent space (`attend_absorbed`, decode), several with keys expanded per head (prefill). The max logit
+        is only computed without a cache (None otherwise).
+        """
+        q_nope, q_rope, latent_btc, k_rope_btr = self.project(x_btd, cos, sin)
+        if cache is not None:
+            cache = kv_cache.write(cache, layer, positions_bt, latent_btc, k_rope_btr)
+            latent_bsc, k_rope_bsr = kv_cache.read(cache, layer)
+            s = latent_bsc.shape[1]
+            mask = (jnp.arange(s)[None, None, :] <= positions_bt[:, :, None])[:, None]  # [b, 1, t, s]
+            if x_btd.shape[1] == 1:
+                return self.attend_absorbed(q_nope, q_rope, latent_bsc, k_rope_bsr, mask), None, cache
+            return self.attend_expanded(q_nope, q_rope, latent_bsc, k_rope_bsr, mask)[0], None, cache
+        t, chunk = x_btd.shape[1], self.chunk
+        if 0 < chunk < t and t % chunk == 0:
+            return (*self.attend_chunked(q_nope, q_rope, latent_btc, k_rope_btr, segment_ids_bt, chunk), None)
+        mask = attention_mask(segment_ids_bt, t)
+        real = mask if segment_ids_bt is None else mask & (segment_ids_bt != 0)[:, None, :, None]
+        out, scores = self.attend_expanded(q_nope, q_rope, latent_btc, k_rope_btr, mask)
+        max_logit_h = jnp.max(jnp.where(real, scores, -jnp.inf), axis=(0, 2, 3))
+        return out, jax.lax.stop_gradient(max_logit_h), None
+
+    def attend_expanded(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask):
+        """Attention with keys/values expanded per head from the latent; returns (out [b,t,d], scores [b,h,t,s])."""
+        k_nope, v_bshv = self._expand_kv(latent_bsc)
+        scores, probs = self._softmax(q_nope, q_rope, k_nope, k_rope_bsr, mask)
+        out_bthv = checkpoint_name(jnp.einsum("bhts,bshv->bthv", probs, v_bshv), "attn_out")
+        return jnp.einsum("bthv,hvd->btd", out_bthv, self.o[...].astype(self.dtype)), scores
+
+    def _expand_kv(self, latent_bsc):
+        """Per-head keys k_nope [b,s,h,n] and values v [b,s,h,v] from the normalised latent."""
+        c, dt = self.config, self.dtype
+        kv_bshk = jnp.einsum("bsc,chk->bshk", latent_bsc.astype(dt), self.kv_b[...].astype(dt))
+        kv_bshk = checkpoint_name(constrain(kv_bshk, self.rules, ("batch", "act_seq", "act_heads", None)), "attn_kv")
+        return kv_bshk[..., : c.qk_nope_head_dim], kv_bshk[..., c.qk_nope_head_dim:]
+
+    def _softmax(self, q_nope, q_rope, k_nope, k_rope_bsr, mask):
+        """(scaled float32 scores [b,h,t,s], masked softmax probabilities in the compute dtype)."""
+        c, dt = self.config, self.dtype
+        scores = jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bthr,bsr->bhts", q_rope, k_rope_bsr.astype(dt), preferred_element_type=jnp.float32)
+        scores *= c.softmax_scale
+        return scores, jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(dt)
+
+    def attend_chunked(self, q_nope, q_rope, latent_btc, k_rope_btr, segment_ids_bt, chunk: int):
+        """Causal attention one query chunk at a time, each against only the keys up to its end, rematerialised
+        in the backward pass: scores are [b, h, chunk, <= t] instead of [b, h, t, t]. Returns (out [b,t,d], max
+        pre-softmax logit per head [h])."""
+        k_nope, v_bshv = self._expand_kv(latent_btc)
+        b, t = q_nope.shape[:2]
+        seg = jnp.ones((b, t), jnp.int32) if segment_ids_bt is None else segment_ids_bt
+
+        @jax.checkpoint
+        def one(qn, qr, kn, kr, v, seg_q, seg_k, q0):
+            causal = (q0 + jnp.arange(qn.shape[1]))[:, None] >= jnp.arange(kn.shape[1])[None, :]
+            mask = causal[None, None] & (seg_q[:, None, :, None] == seg_k[:, None, None, :])
+            scores, probs = self._softmax(qn, qr, kn, kr, mask)
+            real = mask & (seg_q != 0)[:, None, :, None]
+            return (jnp.einsum("bhts,bshv->bthv", probs, v),
+                    jnp.max(jnp.where(real, scores, -jnp.inf), axis=(0, 2, 3)))
+
+        outs, maxes = [], []
+        for q0 in range(0, t, chunk):
+            q1 = q0 + chunk
+            o, m = one(q_nope[:, q0:q1], q_rope[:, q0:q1], k_nope[:, :q1], k_rope_btr[:, :q1], v_bshv[:, :q1],
+                       seg[:, q0:q1], seg[:, :q1], q0)
+            outs.append(o)
+            maxes.append(m)
+        out_bthv = checkpoint_name(jnp.concatenate(outs, axis=1), "attn_out")
+        max_logit_h = jax.lax.stop_gradient(jnp.max(jnp.stack(maxes), axis=0))
+        return jnp.einsum("bthv,hvd->btd", out_bthv, self.o[...].astype(self.dtype)), max_logit_h
+
+    def attend_absorbed(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask):
+        """Attention in the latent space (decode): W_kvb's key half absorbed into q, its value half applied after.
+
+        Keys and values are never expanded per head: each cached token costs kv_lora_rank + rope values.
+        """
+        c, dt = self.config, self.dtype
+        kv_b = self.kv_b[...].astype(dt)
+        q_lat = jnp.einsum("bthn,chn->bthc", q_nope, kv_b[..., : c.qk_nope_head_dim])
+        scores = jnp.einsum("bthc,bsc->bhts", q_lat, latent_bsc.astype(dt), preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bthr,bsr->bhts", q_rope, k_rope_bsr.astype(dt), preferred_element_type=jnp.float32)
+        scores *= c.softmax_scale
+        probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(dt)
+        o_lat = jnp.einsum("bhts,bsc->bthc", probs, latent_bsc.astype(dt))
+        out_bthv = jnp.einsum("bthc,chv->bthv", o_lat, kv_b[..., c.qk_nope_head_dim:])
+        return jnp.einsum("bthv,hvd->btd", out_bthv, self.o[...].astype(dt))

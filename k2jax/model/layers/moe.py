@@ -1,0 +1,117 @@
+"""Sigmoid-routed mixture of experts with a shared expert; experts split over the `expert` mesh axis."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from k2jax.model.layers.common import MLP, dtype_of, param
+from k2jax.model.layers.grouped import expert_ffn
+from k2jax.model.layers.routing import route
+from k2jax.model.sharding import ShardingRules
+
+
+class MoE(nnx.Module):
+    """Routed experts (kernels [e, d, f], [e, f, d]) plus n_shared_experts folded into one SwiGLU MLP."""
+
+    def __init__(self, config, execution, rules: ShardingRules, *, rngs: nnx.Rngs):
+        c, run = config, execution
+        e, d, f = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
+        self.router = param(rngs, "mlp.router", (d, e), c, run)
+        self.router_bias = param(rngs, "mlp.router_bias", (e,), c, run)
+        self.wg = param(rngs, "mlp.wg", (e, d, f), c, run)
+        self.wu = param(rngs, "mlp.wu", (e, d, f), c, run)
+        self.wd = param(rngs, "mlp.wd", (e, f, d), c, run)
+        self.shared = MLP("mlp.shared", d, f * c.n_shared_experts, c, run, rngs=rngs) if c.n_shared_experts else None
+        self.config, self.execution, self.rules, self.dtype = c, run, rules, dtype_of(run.dtype)
+
+    def __call__(self, x_btd: jax.Array, mask_bt: jax.Array | None = None, *, stacked: tuple | None = None,
+                 stats: bool = True) -> tuple[jax.Array, dict]:
+        """MoE feed-forward of x [b, t, d]; stats: per-expert loads [e] and the sequence-wise balance loss.
+
+        The balance loss (DeepSeek-V3's, before aux_loss_alpha) is summed over the batch's sequences; tokens
+        where mask_bt is 0 (padding) are left out of loads and loss. `stacked=(wg, wu, wd, layer)`: the routed
+        kernels of every layer ([layers, e, d, f]) and this layer's index, used instead of this module's own
+        (inference over a scan of layers: each chosen expert is read in place, no layer's experts copied).
+        `stats=False` (inference) skips the loads and the balance loss.
+        """
+        c, run = self.config, self.execution
+        b, t, d = x_btd.shape
+        x_td = checkpoint_name(x_btd.astype(self.dtype).reshape(b * t, d), "moe_in")
+        idx, weights, scores = route(x_td, self.router[...], self.router_bias[...], top_k=c.num_experts_per_tok,
+                                     n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
+                                     scaling=c.routed_scaling_factor)
+        if stacked is None:
+            wg, wu, wd = (jnp.asarray(w[...], self.dtype) for w in (self.wg, self.wu, self.wd))
+            layer = None
+        else:  # cast per expert as it is read: converting the stacks here would convert every layer's experts
+            wg, wu, wd, layer = stacked
+        y_td = routed_experts(x_td, idx, weights, wg, wu, wd, self.rules, impl=run.moe_impl,
+                              block_size=run.moe_block_size, unroll=run.moe_block_unroll,
+                              capacity_factor=run.moe_capacity_factor, layer=layer)
+        if self.shared is not None:
+            y_td = y_td + self.shared(x_td)
+        y_btd = y_td.reshape(b, t, d).astype(x_btd.dtype)
+        if not stats:
+            return y_btd, {}
+        mask = jnp.ones((b, t), jnp.float32) if mask_bt is None else mask_bt.astype(jnp.float32)
+        hits_bte = jax.nn.one_hot(idx.reshape(b, t, -1), c.n_routed_experts, dtype=jnp.float32).sum(2)
+        hits_bte = hits_bte * mask[..., None]
+        load_e = hits_bte.sum((0, 1))
+        n_tok = jnp.maximum(mask.sum(1), 1.0)  # [b]
+        f_be = hits_bte.sum(1) * c.n_routed_experts / (c.num_experts_per_tok * n_tok[:, None])
+        probs = scores.reshape(b, t, -1) / scores.reshape(b, t, -1).sum(-1, keepdims=True)
+        p_be = (probs * mask[..., None]).sum(1) / n_tok[:, None]
+        stats = {"expert_load": jax.lax.stop_gradient(load_e), "balance_loss": (f_be * p_be).sum()}
+        return y_btd, stats
+
+
+def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl: str, block_size: int = 0,
+                   unroll: int = 1, capacity_factor: float = 0.0, layer: jax.Array | None = None):
+    """Dropless routed-expert output [t, d]; on a mesh with expert/tensor axes the tokens travel, not weights.
+
+    Each `expert` shard all-gathers the tokens (and their routing) of its expert group, computes the assignments
+    of its local experts, and a reduce-scatter returns every token's sum to the shard that owns the token.
+    The `tensor` axis splits each expert's hidden dim (partial sums are added with a psum). The buffer of
+    rows a shard computes is the dropless worst case (every gathered token on its experts) unless
+    capacity_factor > 0 bounds it to that multiple of the balanced load. With `layer`, the kernels are
+    stacked over layers ([layers, e, d, f]) and read at that index.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    ep = mesh.shape.get("expert", 1) if not mesh.empty else 1
+    tp = mesh.shape.get("tensor", 1) if not mesh.empty else 1
+    if ep == 1 and tp == 1:
+        return expert_ffn(x_td, idx_tk, w_tk, wg, wu, wd, impl=impl, block_size=block_size, unroll=unroll,
+                          layer=layer)
+    lead = () if layer is None else ("layers",)
+    tok = rules.spec(("batch", None), mesh)
+    w_in = rules.spec(lead + ("experts", None, "expert_mlp"), mesh)
+    w_out = rules.spec(lead + ("experts", "expert_mlp", None), mesh)
+    n_local = wg.shape[len(lead)] // ep
+    split = "expert" in jax.tree.leaves(tuple(tok))  # are tokens split over the expert axis, or replicated?
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out, P()), out_specs=tok,
+                       check_vma=False)
+    def local(x, idx, w, g, u, dn, layer):
+        if ep > 1 and split:
+            x = jax.lax.all_gather(x, "expert", axis=0, tiled=True)
+            idx = jax.lax.all_gather(idx, "expert", axis=0, tiled=True)
+            w = jax.lax.all_gather(w, "expert", axis=0, tiled=True)
+        if ep > 1:
+            idx = idx - jax.lax.axis_index("expert") * n_local
+        cap = int(capacity_factor * idx.size / ep) if capacity_factor > 0 else 0
+        y = expert_ffn(x, idx, w, g, u, dn, impl=impl, block_size=block_size, unroll=unroll, capacity=cap,
+                       layer=layer)
+        if tp > 1:
+            y = jax.lax.psum(y, "tensor")
+        if ep > 1:
+            y = (jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True) if split
+                 else jax.lax.psum(y, "expert"))
+        return y
+
+    return local(x_td, idx_tk, w_tk, wg, wu, wd, layer)

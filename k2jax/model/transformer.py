@@ -1,0 +1,169 @@
+"""The K2 transformer: embedding, dense blocks, scanned MoE blocks, final norm, untied lm_head.
+
+One forward path serves training, prefill and decode: `Transformer.forward(tokens, positions, segment_ids,
+cache=None)`. Without a cache it is the training / full forward; with one (`k2jax.model.cache`) every block
+writes the new tokens into its layer of the cache and attends over it, and the MoE layers read each chosen
+expert of the stacked kernels in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from k2jax.model.config import Execution, K2Config
+from k2jax.model.layers.attention import MLAttention
+from k2jax.model.layers.common import MLP, RMSNorm, dtype_of, param
+from k2jax.model.layers.moe import MoE
+from k2jax.model.layers.rope import rope_cos_sin, yarn_inv_freq
+from k2jax.model.params import STACKS
+from k2jax.model.sharding import ShardingRules, constrain
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # the feed-forward hidden activations (routed experts' rows, shared/dense MLP) and the MoE input are kept:
+    # the backward pass recomputes attention and routing but no expert matmul
+    "save_moe": jax.checkpoint_policies.save_only_these_names("moe_in", "moe_hidden", "mlp_hidden"),
+    # and every attention projection's output (low-rank q and kv, per-head q, k/v, attention output): the
+    # backward recomputes norms, routing and, inside each attention chunk's own remat, its scores
+    "save_moe_attn": jax.checkpoint_policies.save_only_these_names(
+        "moe_in", "moe_hidden", "mlp_hidden", "attn_lora", "attn_q", "attn_kv", "attn_out"),
+}
+
+
+ACT = ("batch", "act_seq", "act_embed")
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then h + ffn(norm(h)) with a dense MLP or the MoE."""
+
+    def __init__(self, config: K2Config, execution: Execution, rules: ShardingRules, moe: bool, *, rngs: nnx.Rngs):
+        c, run = config, execution
+        self.attn_norm = RMSNorm("attn_norm", c.hidden_size, c, run, rngs=rngs)
+        self.attn = MLAttention(c, run, rules, rngs=rngs)
+        self.mlp_norm = RMSNorm("mlp_norm", c.hidden_size, c, run, rngs=rngs)
+        self.mlp = MoE(c, run, rules, rngs=rngs) if moe else MLP("mlp", c.hidden_size, c.intermediate_size, c, run,
+                                                                 rngs=rngs)
+        self.is_moe, self.rules = moe, rules
+
+    def __call__(self, x_btd, cos, sin, segment_ids=None, cache=None, *, layer=None, positions_bt=None,
+                 experts=None):
+        """(y [b, t, d], cache, stats). `cache` with `layer` and `positions_bt`: see MLAttention; `experts`:
+        the stacked routed kernels and this layer's index, read in place (inference)."""
+        h, max_logit, cache = self.attn(self.attn_norm(x_btd), cos, sin, segment_ids, cache=cache, layer=layer,
+                                        positions_bt=positions_bt)
+        h = constrain(x_btd + h, self.rules, ACT)
+        stats = {} if max_logit is None else {"max_logit": max_logit}
+        if self.is_moe:
+            mask = None if segment_ids is None else segment_ids != 0
+            y, moe_stats = self.mlp(self.mlp_norm(h), mask, stacked=experts, stats=cache is None)
+            stats.update(moe_stats)
+        else:
+            y = self.mlp(self.mlp_norm(h))
+        return constrain(h + y, self.rules, ACT), cache, stats
+
+
+def _stack(config, execution, rules, moe: bool, n: int, rngs: nnx.Rngs) -> Block:
+    """n Blocks with parameters stacked on a leading 'layers' axis (for lax.scan)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r):
+        return Block(config, execution, rules, moe, rngs=r)
+
+    return make(rngs)
+
+
+class Transformer(nnx.Module):
+    """Kimi K2 / DeepSeek-V3 decoder. `__call__(tokens [b, t]) -> logits [b, t, vocab]` in float32."""
+
+    def __init__(self, config: K2Config, rules: ShardingRules | None = None, execution: Execution | None = None, *,
+                 rngs: nnx.Rngs):
+        c, run = config, execution or Execution()
+        rules = rules or ShardingRules()
+        self.embed = param(rngs, "embed", (c.vocab_size, c.hidden_size), c, run)
+        n = {"dense_layers": c.num_dense_layers, "moe_layers": c.num_moe_layers}
+        for name in STACKS:
+            setattr(self, name, _stack(c, run, rules, name == "moe_layers", n[name], rngs) if n[name] else None)
+        self.final_norm = RMSNorm("final_norm", c.hidden_size, c, run, rngs=rngs)
+        self.lm_head = param(rngs, "lm_head", (c.vocab_size, c.hidden_size), c, run)
+        self.config, self.execution, self.rules = c, run, rules
+
+    def stacks(self):
+        """(name, stacked Block) of each non-empty stack, in layer order."""
+        return [(name, getattr(self, name)) for name in STACKS if getattr(self, name) is not None]
+
+    def forward(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, cache: dict | None = None,
+                select_b=None, head: bool = True):
+        """(out, cache, stats): the one forward pass of training, prefill and decode.
+
+        out: float32 logits [b, t, vocab], or hidden states [b, t, d] after the final norm with head=False;
+        select_b [b] keeps one position per sequence ([b, vocab] / [b, d]), e.g. each prompt's last token.
+        cache: {stack name: that stack's cache} (k2jax.model.cache), written at `positions_bt`; the updated
+        cache is returned (None without one). stats: per-layer statistics stacked over layers, keyed by
+        stack (max attention logits, expert loads, balance loss), without a cache only.
+        """
+        c = self.config
+        b, t = tokens_bt.shape
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        inv_freq, attn_factor = yarn_inv_freq(c)
+        cos, sin = rope_cos_sin(positions_bt, inv_freq, attn_factor)
+        x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dtype_of(self.execution.dtype))
+        x = constrain(x, self.rules, ACT)
+        stats, new_cache = {}, None if cache is None else {}
+        for name, stack in self.stacks():
+            layer_cache = None if cache is None else cache[name]
+            x, layer_cache, stats[name] = self._run_stack(stack, x, cos, sin, segment_ids_bt, layer_cache,
+                                                          positions_bt)
+            if cache is not None:
+                new_cache[name] = layer_cache
+        h = self.final_norm(x)
+        if select_b is not None:
+            h = jnp.take_along_axis(h, select_b[:, None, None], axis=1)[:, 0]
+        return (self.logits_from_hidden(h) if head else h), new_cache, stats
+
+    def _run_stack(self, stack: Block, x, cos, sin, segment_ids, cache, positions_bt):
+        graphdef, state = nnx.split(stack)
+        n = jax.tree.leaves(state)[0].shape[0]
+        # with a cache (inference) each MoE layer gets the stacked kernels and its index, so only the chosen
+        # experts are read, in place; the scan's own slice of them then goes unused and is not computed
+        experts = (stack.mlp.wg[...], stack.mlp.wu[...], stack.mlp.wd[...]) if cache is not None and stack.is_moe \
+            else None
+
+        def body(carry, inp):
+            h, cache = carry
+            layer_state, layer = inp
+            blk = nnx.merge(graphdef, layer_state)
+            h, cache, s = blk(h, cos, sin, segment_ids, cache, layer=layer, positions_bt=positions_bt,
+                              experts=None if experts is None else (*experts, layer))
+            return (h, cache), s
+
+        run = self.execution
+        if run.remat_policy != "none" and cache is None:
+            body = jax.checkpoint(body, policy=_REMAT[run.remat_policy])
+        layers = jnp.arange(n, dtype=jnp.int32)
+        if run.scan_layers:
+            (x, cache), stats = jax.lax.scan(body, (x, cache), (state, layers))
+            return x, cache, stats
+        outs = []
+        for i in range(n):
+            (x, cache), s = body((x, cache), (jax.tree.map(lambda a: a[i], state), layers[i]))
+            outs.append(s)
+        return x, cache, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+        """Logits [b, t, vocab] in float32 for int tokens [b, t] (no cache)."""
+        return self.forward(tokens_bt, positions_bt, segment_ids_bt)[0]
+
+    def logits_from_hidden(self, h_btd):
+        """lm_head projection of hidden states [..., d] -> float32 logits [..., vocab]."""
+        dt = dtype_of(self.execution.dtype)
+        logits = jnp.einsum("...d,vd->...v", h_btd.astype(dt), self.lm_head[...].astype(dt),
+                            preferred_element_type=jnp.float32)
+        if logits.ndim == 3:
+            logits = constrain(logits, self.rules, ("batch", "act_seq", "act_vocab"))
+        return logits

@@ -1,0 +1,1 @@
+"""Test and benchmark helpers: tiny HF reference models built on this machine (needs torch + transformers)."""

@@ -1,0 +1,100 @@
+"""Training metrics to JSONL and TensorBoard event files (written directly: no TensorFlow needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import time
+
+
+def _crc32c_table():
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    c = 0xFFFFFFFF
+    for b in data:
+        c = _TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+def masked_crc(data: bytes) -> int:
+    """TFRecord's masked CRC-32C of `data`."""
+    c = crc32c(data)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(num: int, wire: int, payload: bytes) -> bytes:
+    return _varint((num << 3) | wire) + payload
+
+
+def _event(wall_time: float, step: int, summary: bytes | None = None, file_version: str | None = None) -> bytes:
+    """A tensorflow.Event protobuf: wall_time (1, double), step (2, int64), file_version (3) or summary (5)."""
+    msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
+    if file_version is not None:
+        v = file_version.encode()
+        msg += _field(3, 2, _varint(len(v)) + v)
+    if summary is not None:
+        msg += _field(5, 2, _varint(len(summary)) + summary)
+    return msg
+
+
+def _scalar_summary(tag: str, value: float) -> bytes:
+    t = tag.encode()
+    val = _field(1, 2, _varint(len(t)) + t) + _field(2, 5, struct.pack("<f", value))
+    return _field(1, 2, _varint(len(val)) + val)
+
+
+class MetricsWriter:
+    """Appends one JSON line per logged step to metrics.jsonl and scalars to a TensorBoard event file."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self.events = open(os.path.join(workdir, name), "ab")
+        self._write_record(_event(time.time(), 0, file_version="brain.Event:2"))
+
+    def _write_record(self, data: bytes):
+        header = struct.pack("<Q", len(data))
+        self.events.write(header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data)))
+
+    def write(self, step: int, metrics: dict):
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        now = time.time()
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self._write_record(_event(now, step, summary=_scalar_summary(k, float(v))))
+        self.events.flush()
+
+    def close(self):
+        if self.enabled:
+            self.jsonl.close()
+            self.events.close()

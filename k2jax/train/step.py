@@ -1,0 +1,204 @@
+"""The jit-compiled, sharded train step: microbatch accumulation, MuonClip/AdamW, QK-Clip, bias balancing."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from k2jax.model.config import Execution, K2Config
+from k2jax.model.init import init_model, param_count, place, state_shardings
+from k2jax.model.params import RouterBias, state_path
+from k2jax.model.sharding import ShardingRules
+from k2jax.train.loss import chunked_cross_entropy, next_token_targets
+from k2jax.train.optim import OptimConfig, make_optimizer, make_schedule, qk_clip
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything a step changes: trained params, router biases (state), optimizer state, step."""
+
+    params: Any
+    bias: Any
+    opt_state: Any
+    step: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    z_loss: float = 0.0
+    aux_loss_alpha: float | None = None  # None: the model config's aux_loss_alpha
+    vocab_chunk: int = 8192
+
+
+class Trainer:
+    """Builds the train state and the jitted train step for one model/optimizer/mesh."""
+
+    def __init__(self, config: K2Config, optim: OptimConfig, mesh: Mesh, rules: ShardingRules | None = None,
+                 loss: LossConfig = LossConfig(), microbatches: int = 1, execution: Execution | None = None):
+        p = place(config, mesh, rules or ShardingRules().for_training(), execution)
+        self.config, self.execution, self.optim, self.mesh, self.rules = config, p.execution, optim, mesh, p.rules
+        self.loss_cfg, self.microbatches = loss, microbatches
+        self.graphdef, abs_params, abs_bias = nnx.split(nnx.merge(p.graphdef, p.abstract), nnx.Param, RouterBias)
+        self.abstract_params, self.abstract_bias = abs_params, abs_bias
+        self.tx = make_optimizer(optim, abs_params, config.kv_lora_rank, layer_loop=p.execution.scan_layers)
+        shard = lambda t: state_shardings(t, mesh, self.rules)  # noqa: E731
+        self.param_shardings, self.bias_shardings = shard(abs_params), shard(abs_bias)
+        self.replicated = NamedSharding(mesh, P())
+        opt_abs = jax.eval_shape(self.tx.init, abs_params)
+        self.opt_shardings = _opt_shardings(self.tx, opt_abs, self.param_shardings, self.replicated)
+        self.state_shardings = TrainState(self.param_shardings, self.bias_shardings, self.opt_shardings,
+                                          self.replicated)
+        self.batch_sharding = self.rules.sharding(("batch", None), mesh)
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, seed: int = 0, model_state=None) -> TrainState:
+        """A fresh TrainState (random init unless `model_state` is given), every shard created in place."""
+        if model_state is None:
+            _, model_state = init_model(self.config, self.mesh, self.rules, seed, self.execution)
+        _, params, bias = nnx.split(nnx.merge(self.graphdef, nnx.filter_state(model_state, nnx.Param),
+                                              nnx.filter_state(model_state, RouterBias)), nnx.Param, RouterBias)
+
+        def make(params, bias):
+            return TrainState(params, bias, self.tx.init(params), jnp.zeros((), jnp.int32))
+
+        with jax.set_mesh(self.mesh):
+            return jax.jit(make, out_shardings=self.state_shardings)(params, bias)
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs (with shardings) of the train state: for restoring and AOT compilation."""
+        shapes = jax.eval_shape(lambda p, b: TrainState(p, b, self.tx.init(p), jnp.zeros((), jnp.int32)),
+                                self.abstract_params, self.abstract_bias)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            self.state_shardings)
+
+    def model_state(self, state: TrainState):
+        """The model's nnx.State (params + router biases), e.g. for k2jax.Model or a checkpoint."""
+        return nnx.state(nnx.merge(self.graphdef, state.params, state.bias))
+
+    # ------------------------------------------------------------------ step
+    def loss_fn(self, params, bias, batch):
+        """(sum of token losses + balance/z terms, aux) for one microbatch; sums, normalised by the caller."""
+        c = self.config
+        model = nnx.merge(self.graphdef, params, bias)
+        tokens, seg, pos = batch["tokens"], batch.get("segment_ids"), batch.get("positions")
+        h, _, stats = model.forward(tokens, pos, seg, head=False)
+        targets, mask = next_token_targets(tokens, seg)
+        b, t, d = h.shape
+        ce, z, max_abs_logit = chunked_cross_entropy(
+            h.reshape(b * t, d), model.lm_head[...].astype(h.dtype), targets.reshape(-1), mask.reshape(-1),
+            chunk=self.loss_cfg.vocab_chunk)
+        alpha = c.aux_loss_alpha if self.loss_cfg.aux_loss_alpha is None else self.loss_cfg.aux_loss_alpha
+        balance = sum((v["balance_loss"].sum() for v in stats.values() if "balance_loss" in v), jnp.zeros(()))
+        total = ce + self.loss_cfg.z_loss * z
+        aux = {"ce_sum": ce, "tokens": mask.sum().astype(jnp.float32), "balance_sum": balance,
+               "sequences": jnp.asarray(b, jnp.float32), "max_logit": {k: v["max_logit"] for k, v in stats.items()},
+               "expert_load": {k: v["expert_load"] for k, v in stats.items() if "expert_load" in v},
+               "max_abs_logit": max_abs_logit}
+        return total, alpha, aux
+
+    def _grads(self, params, bias, batch):
+        def objective(p, mb, n_tokens, n_seq):
+            total, alpha, aux = self.loss_fn(p, bias, mb)
+            return total / n_tokens + alpha * aux["balance_sum"] / n_seq, aux
+
+        n = self.microbatches
+        seg = batch.get("segment_ids")
+        _, mask = next_token_targets(batch["tokens"], seg)
+        n_tokens = jnp.maximum(mask.sum().astype(jnp.float32), 1.0)
+        n_seq = jnp.asarray(batch["tokens"].shape[0], jnp.float32)
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        if n == 1:
+            (loss, aux), grads = grad_fn(params, batch, n_tokens, n_seq)
+            return loss, grads, aux
+        micro = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+
+        def body(carry, mb):
+            loss_acc, grad_acc = carry
+            (loss, aux), g = grad_fn(params, mb, n_tokens, n_seq)
+            return (loss_acc + loss, jax.tree.map(lambda a, b: a + b.astype(a.dtype), grad_acc, g)), aux
+
+        f32 = self.optim.grad_accum_dtype == "float32"
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32 if f32 else p.dtype), params)
+        (loss, grads), auxs = jax.lax.scan(body, (jnp.zeros(()), zeros), micro)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        aux = {"ce_sum": auxs["ce_sum"].sum(), "tokens": auxs["tokens"].sum(), "balance_sum": auxs["balance_sum"].sum(),
+               "sequences": auxs["sequences"].sum(), "max_logit": jax.tree.map(lambda x: x.max(0), auxs["max_logit"]),
+               "expert_load": jax.tree.map(lambda x: x.sum(0), auxs["expert_load"]),
+               "max_abs_logit": auxs["max_abs_logit"].max()}
+        return loss, grads, aux
+
+    def step_fn(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        """One optimizer step on a global batch {tokens, segment_ids, positions} [batch, seq]."""
+        c, o = self.config, self.optim
+        loss, grads, aux = self._grads(state.params, state.bias, batch)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if o.optimizer == "muonclip":
+            params = qk_clip(params, aux["max_logit"], o.qk_clip_tau, c.qk_nope_head_dim)
+        bias = update_router_bias(state.bias, aux["expert_load"], o.bias_update_rate)
+        metrics = {"loss": aux["ce_sum"] / jnp.maximum(aux["tokens"], 1.0), "objective": loss,
+                   "grad_norm": grad_norm, "learning_rate": jnp.asarray(_lr(o, state.step)),
+                   "tokens": aux["tokens"], "max_attention_logit": jnp.max(jnp.stack(
+                       [v.max() for v in aux["max_logit"].values()])),
+                   "max_abs_output_logit": aux["max_abs_logit"]}
+        if aux["expert_load"]:
+            imbalance = [load.max(-1) / jnp.maximum(load.mean(-1), 1e-9) for load in aux["expert_load"].values()]
+            metrics["expert_load_imbalance"] = jnp.max(jnp.stack([i.max() for i in imbalance]))
+            metrics["balance_loss"] = aux["balance_sum"] / aux["sequences"]
+        return TrainState(params, bias, opt_state, state.step + 1), metrics
+
+    @functools.cached_property
+    def jit_step(self):
+        """The train step jitted with explicit in/out shardings and the state donated."""
+        batch_sh = {"tokens": self.batch_sharding, "segment_ids": self.batch_sharding,
+                    "positions": self.batch_sharding}
+        return jax.jit(self.step_fn, in_shardings=(self.state_shardings, batch_sh),
+                       out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+
+    def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        with jax.set_mesh(self.mesh):
+            return self.jit_step(state, batch)
+
+    def lower(self, state, batch):
+        with jax.set_mesh(self.mesh):
+            return self.jit_step.lower(state, batch)
+
+
+def _lr(o: OptimConfig, step):
+    return make_schedule(o)(step)
+
+
+def update_router_bias(bias, expert_load: dict, rate: float):
+    """Moves every router bias by rate·sign(mean load − load) of its layer's experts (`expert_load[stack]` is
+    [layers, experts]): the bias chooses experts, so overloaded ones get chosen less (outside the gradient)."""
+
+    def move(kp, var):
+        load = expert_load[state_path(kp)[0]]
+        return var.replace(var.get_value() + rate * jnp.sign(load.mean(-1, keepdims=True) - load))
+
+    return jax.tree_util.tree_map_with_path(move, bias, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _opt_shardings(tx, opt_abs, param_shardings, replicated):
+    """Optimizer-state shardings: leaves that mirror a parameter (moments, momenta) follow its sharding."""
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return optax.tree_map_params(tx, lambda x, sh: x if masked(x) else sh, opt_abs, param_shardings,
+                                 transform_non_params=lambda x: x if masked(x) else replicated, is_leaf=masked)
+
+
+def analytic_train_flops(config: K2Config, tokens: int, seq: int) -> float:
+    """6·active_params·tokens + attention (QK^T and PV, causal half, forward + backward)."""
+    _, active = param_count(config)
+    c = config
+    active_matmul = active - c.vocab_size * c.hidden_size  # the embedding lookup is not a matmul
+    attn = 6 * c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq * tokens / 2
+    return 6.0 * active_matmul * tokens + attn
