@@ -82,7 +82,7 @@ def run_k2jax(config, sets, args):
                             ).compile().cost_analysis()
             return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 
-        out["compiled_flops"] = extrapolate(by_depth(config, model.execution, flops), config.num_hidden_layers)
+        out["compiled_flops"] = extrapolate(by_depth(config, trainer.execution, flops), config.num_hidden_layers)
     return out
 
 
@@ -118,7 +118,6 @@ def main():
     p.add_argument("--hf_dir", help=argparse.SUPPRESS)
     args = p.parse_args()
 
-    import k2jax
     from k2jax.model.config import load_preset, parse_assignments
     from k2jax.runtime import HOST_MALLOC_ENV
 

@@ -255,7 +255,7 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
 
     The unrolled builds hold `flops_batch` sequences (default: one per batch shard, at most a microbatch) and
     their model part is scaled by microbatch / flops_batch: FLOPs are linear in the sequences, and a full K2
-    build with two sequences per chip outgrows a 24 GB host. The time scales the same way, an upper bound
+    build with two sequences per chip outgrows a small build host. The time scales the same way, an upper bound
     (the weights' gathers do not grow with the batch). The optimizer update is counted once per step.
     """
     from k2jax.train.step import analytic_train_flops
@@ -312,7 +312,7 @@ def compile_decode(config: K2Config, topology: str, mesh_spec: str, *, batch: in
 
     chip, devices = topology_devices(topology)
     execution = execution or Execution()
-    if execution.moe_impl == "auto":  # forward only: ragged_dot is exact and costs ~1x the ideal on TPU
+    if execution.moe_impl == "auto":  # forward only: ragged_dot is exact and near the ideal FLOPs on TPU
         execution = execution.replace(moe_impl="ragged")
     p = place(config, make_mesh(mesh_spec, devices=devices), execution=execution)
     mesh, rules, state = p.mesh, p.rules, p.shaped()

@@ -1,9 +1,10 @@
 """Host process settings for CPU runs: glibc malloc that keeps XLA's per-step buffers instead of unmapping them.
 
-XLA:CPU allocates each execution's temporaries (2.5 GB per train step of configs/small.py) with malloc and frees
-them afterwards. glibc serves such sizes with mmap/munmap, so every step faults all of it in again: ~624k page
-faults per step on this VM, 10-15% of the step. With one arena, no mmap and no trimming, the freed memory is
-reused (0 faults per step). These settings only take effect at process start, hence a re-exec.
+XLA:CPU allocates each execution's temporaries (gigabytes per train step of configs/small.py) with malloc and
+frees them afterwards. glibc serves such sizes with mmap/munmap, so every step faults all of it in again (the
+README has the page faults and the time they cost, `benchmarks/train_small.py` counts them). With one arena, no
+mmap and no trimming, the freed memory is reused. These settings only take effect at process start, hence a
+re-exec.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from k2jax.data.pipeline import DataError, JsonlSource, loss_mask, make_dataset, open_source
+from k2jax.data.pipeline import DataError, JsonlSource, make_dataset, open_source
+from k2jax.train.loss import next_token_targets
 
 DOCS = [f"document number {i} says " + " ".join(["word%d" % (i * 7 + j) for j in range(i % 13 + 1)])
         for i in range(60)]
@@ -45,7 +46,7 @@ def test_packed_batches_shapes_and_boundaries(corpus, small_tokenizer):
     assert len(docs) >= len(DOCS) - 8 and len(set(docs)) == len(docs)  # one epoch: the tail is dropped
     assert set(docs) <= encoded
     for b in batches:
-        mask = loss_mask(b)
+        mask = np.asarray(next_token_targets(b["tokens"], b["segment_ids"])[1])  # what the train step uses
         seg = b["segment_ids"]
         assert np.all(mask[:, :-1] == ((seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] != 0)))
         assert np.all(mask[:, -1] == 0)

@@ -1,8 +1,10 @@
 """MuonClip's Muon update against a float64 NumPy reference; the per-layer loop equals the batched update."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import k2jax
 from k2jax.model.params import state_path
@@ -90,3 +92,24 @@ def test_muon_matches_float64_numpy_and_the_layer_loop_equals_the_batched_update
         np.testing.assert_allclose(new[path], p, rtol=0, atol=2e-5 * np.abs(p).max(), err_msg=str(path))
         checked.add(path[-1])
     assert {"q_a", "q_b", "kv_a", "kv_b", "o", "wg", "wu", "wd", "router", "gate", "up", "down"} <= checked
+
+
+def test_optimizer_groups_come_from_the_parameter_declarations(tiny_config):
+    """Every parameter's optimizer group is its declaration's (k2jax.model.params), and a parameter without one
+    (a renamed lm_head, say) is refused by name instead of silently landing in another group."""
+    from flax import nnx
+
+    from k2jax.model.params import spec_of
+    from k2jax.train.optim import labels
+
+    mesh = k2jax.make_mesh("", devices=jax.devices()[:1])
+    params = Trainer(tiny_config, OptimConfig(), mesh, execution=TINY_RUN).abstract_params
+    groups = {state_path(k): g for k, g in jax.tree_util.tree_flatten_with_path(labels(params))[0]}
+    assert groups == {path: spec_of(path).group for path in groups} and len(groups) == len(jax.tree.leaves(params))
+    want = {("embed",): "adam", ("lm_head",): "adam", ("final_norm", "scale"): "adam_nodecay",
+            ("moe_layers", "attn", "q_b"): "muon", ("moe_layers", "mlp", "router"): "muon",
+            ("moe_layers", "mlp", "wg"): "muon", ("dense_layers", "attn_norm", "scale"): "adam_nodecay"}
+    assert {p: groups[p] for p in want} == want
+    renamed = nnx.State({"lm_head2": nnx.Param(jnp.zeros((4, 4)))})
+    with pytest.raises(KeyError, match="lm_head2 has no declaration"):
+        labels(renamed)

@@ -71,6 +71,7 @@ def test_killed_run_resumes_with_identical_losses_and_sigterm_saves(run_args, tm
     assert f"train step loaded from the compilation cache {cache}" in out, out
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert sorted(a) == list(range(1, 10))
+    _check_tensorboard_events(tmp_path / "a", a)
     for step in range(4, 10):
         assert b[step] == a[step], (step, a, b)  # bit-exact continuation
 
@@ -85,6 +86,24 @@ def test_killed_run_resumes_with_identical_losses_and_sigterm_saves(run_args, tm
     assert saved, out
     step = int(re.search(r"saved step (\d+)", saved[0]).group(1))
     assert os.path.exists(os.path.join(tmp_path / "c", str(step), "_CHECKPOINT_METADATA"))
+
+
+def _check_tensorboard_events(workdir, losses):
+    """The TensorBoard event file holds the losses of metrics.jsonl (float32), every record's CRC intact; a
+    flipped byte is caught (positive control of the reader)."""
+    from k2jax.testing.events import read_events
+
+    (name,) = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents.")]
+    path = os.path.join(workdir, name)
+    scalars = {(step, tag): value for step, tag, value in read_events(path)}
+    for step, loss in losses.items():
+        assert scalars[(step, "loss")] == pytest.approx(loss, rel=1e-6), step
+    data = bytearray(open(path, "rb").read())
+    data[-6] ^= 0xFF
+    with open(path + ".bad", "wb") as f:
+        f.write(data)
+    with pytest.raises(ValueError, match="CRC"):
+        read_events(path + ".bad")
 
 
 def test_two_processes_match_one_process(tmp_path):

@@ -1,6 +1,7 @@
 """Train step: gradients vs PyTorch autograd, accumulation, QK-Clip, bias balancing, falling loss on 1 and 8 devices."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -279,3 +280,37 @@ def test_training_splits_dense_weights_and_their_state_over_the_whole_batch_grou
     assert "expert" not in jax.tree.leaves(tuple(decode_o))
     with pytest.raises(ShardingError, match="'hidden_size' = 100 .* divisible by 8"):
         _trainer(tiny_config.replace(hidden_size=100), "fsdp=2,expert=4")
+
+
+def test_step_metrics_are_fetched_one_step_late(tmp_path):
+    """The loop's StepLog reads a logged step's metrics only once the next step has been dispatched (or at the
+    end), so the host never waits on the step it just launched."""
+    from k2jax.train.loop import RunConfig, StepLog
+    from k2jax.train.metrics import MetricsWriter
+
+    fetched = []
+
+    class Value:  # a device value that records when the host reads it
+        def __init__(self, step):
+            self.step = step
+
+        def __float__(self):
+            fetched.append(self.step)
+            return 1.0
+
+    def metrics(step):
+        return {k: Value(step) for k in ("loss", "grad_norm", "learning_rate", "max_attention_logit")}
+
+    writer = MetricsWriter(str(tmp_path))
+    log = StepLog(RunConfig(workdir=str(tmp_path), steps=4, log_every=2), 1e9, 0, writer, lambda *a: None)
+    log.push(1, metrics(1))
+    log.push(2, metrics(2))
+    assert fetched == []  # step 2 is logged, but not read while it may still run
+    log.push(3, metrics(3))
+    assert set(fetched) == {2}  # read once step 3 was dispatched
+    log.push(4, metrics(4))
+    assert set(fetched) == {2}
+    log.flush()
+    assert set(fetched) == {2, 4}
+    writer.close()
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [2, 4]

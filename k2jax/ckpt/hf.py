@@ -95,7 +95,7 @@ def _to_unit(w, scale_inv, *, unit_shape, transpose, dtype):
         out, inp = w.shape
         bo, bi = scale_inv.shape
         s = scale_inv.astype(jnp.float32)
-        if out == bo * FP8_BLOCK and inp == bi * FP8_BLOCK:  # whole blocks: a broadcast multiply, ~2x faster
+        if out == bo * FP8_BLOCK and inp == bi * FP8_BLOCK:  # whole blocks: a broadcast multiply, no repeat
             x = (w.astype(jnp.float32).reshape(bo, FP8_BLOCK, bi, FP8_BLOCK) * s[:, None, :, None]).reshape(out, inp)
         else:
             x = w.astype(jnp.float32) * jnp.repeat(jnp.repeat(s, FP8_BLOCK, 0), FP8_BLOCK, 1)[:out, :inp]

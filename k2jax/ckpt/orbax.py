@@ -13,12 +13,11 @@ import json
 import os
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from k2jax.errors import CheckpointError, ConfigError
 from k2jax.model.config import K2Config
-from k2jax.errors import CheckpointError
 
 
 def config_to_json(config: K2Config, param_dtype: str) -> dict:
@@ -75,12 +74,14 @@ def resolve_step_dir(path: str) -> str:
 
 def read_config(step_dir: str) -> tuple[K2Config, str]:
     """(architecture, saved parameter dtype) of a step directory."""
-    cfg_dir = os.path.join(step_dir, "config")
-    files = [f for f in os.listdir(cfg_dir) if not f.startswith("_")] if os.path.isdir(cfg_dir) else []
-    if not files:
-        raise CheckpointError(f"{step_dir}: no config item")
-    with open(os.path.join(cfg_dir, files[0])) as f:
-        return config_from_json(json.load(f))
+    path = os.path.join(step_dir, "config", "metadata")  # the file Orbax's JSON handler writes
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{step_dir}: no config item ({path} is missing)")
+    try:
+        with open(path) as f:
+            return config_from_json(json.load(f))
+    except (json.JSONDecodeError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{path}: not a k2jax config item ({e})") from None
 
 
 def restore_model_state(step_dir: str, abstract_state, shardings):
@@ -113,11 +114,3 @@ def check_shapes(step_dir: str, abstract) -> None:
             raise CheckpointError(f"{step_dir}: tensor {name} is missing (expected shape {list(shape)})")
         if have[name] != shape:
             raise CheckpointError(f"{step_dir}: tensor {name} has shape {list(have[name])}, expected {list(shape)}")
-
-
-def key_to_json(key) -> list:
-    return np.asarray(jax.random.key_data(key)).tolist()
-
-
-def key_from_json(data) -> jax.Array:
-    return jax.random.wrap_key_data(np.asarray(data, np.uint32))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from k2jax.errors import CheckpointError
 import json
 import os
 import struct
@@ -11,13 +10,15 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
-DTYPES = {
+from k2jax.errors import CheckpointError
+
+SAFETENSORS_DTYPES = {  # the dtype codes of the safetensors header
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
-NAMES = {v: k for k, v in DTYPES.items()}
+NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 class SafetensorsFile:
@@ -40,9 +41,9 @@ class SafetensorsFile:
         self._offset = 8 + n
         self.entries = {}
         for name, info in raw.items():
-            if info["dtype"] not in DTYPES:
+            if info["dtype"] not in SAFETENSORS_DTYPES:
                 raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-            self.entries[name] = (DTYPES[info["dtype"]], tuple(info["shape"]), tuple(info["data_offsets"]))
+            self.entries[name] = (SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), tuple(info["data_offsets"]))
     def keys(self):
         return self.entries.keys()
 

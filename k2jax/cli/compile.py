@@ -12,6 +12,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from absl import flags  # noqa: E402
 
 from k2jax.cli.common import config_from_flags, run_main  # noqa: E402
+from k2jax.model.cache import CACHE_DTYPES  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "kimi_k2", "Preset name, preset file or HF config.json.")
@@ -22,7 +23,7 @@ flags.DEFINE_integer("batch", 0, "Global batch in sequences (train; default 1 pe
 flags.DEFINE_integer("seq", 4096, "Train sequence length.")
 flags.DEFINE_integer("context", 32768, "Decode cache length.")
 flags.DEFINE_integer("microbatches", 1, "Gradient accumulation microbatches (train).")
-flags.DEFINE_enum("cache_dtype", "bfloat16", ["bfloat16", "float32", "int8"], "Decode cache dtype.")
+flags.DEFINE_enum("cache_dtype", "bfloat16", list(CACHE_DTYPES), "Decode cache dtype.")
 flags.DEFINE_multi_string("set", [], "Config override key=value (repeatable): execution (e.g. param_dtype=bfloat16) "
                           "or architecture fields.")
 flags.DEFINE_enum("grad_accum_dtype", "param", ["param", "float32"],

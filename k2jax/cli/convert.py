@@ -8,11 +8,12 @@ import sys
 from absl import flags
 
 from k2jax.cli.common import run_main
+from k2jax.model.config import PARAM_DTYPES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("hf_dir", None, "HF folder to import (config.json + safetensors).")
 flags.DEFINE_string("output_dir", None, "Where to write: the k2jax checkpoint (import) or the HF folder (--to_hf).")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype of the imported checkpoint.")
+flags.DEFINE_enum("dtype", "bfloat16", list(PARAM_DTYPES), "Parameter dtype of the imported checkpoint.")
 flags.DEFINE_integer("workers", 4, "Tensors converted in parallel.")
 flags.DEFINE_bool("verify", False, "Re-read every written tensor and check shape, dtype and checksum against the source.")
 flags.DEFINE_bool("ignore_mtp", False, "Drop multi-token-prediction layers instead of refusing them.")

@@ -8,6 +8,7 @@ from absl import flags
 
 from k2jax.cli.common import run_main
 from k2jax.cli.stream import stream_one
+from k2jax.model.cache import CACHE_DTYPES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint_dir", None, "A k2jax checkpoint: a step directory or a directory of steps.")
@@ -21,7 +22,7 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("mesh", "", "Decode mesh spec, e.g. expert=4,tensor=2 (default: all devices on data).")
-flags.DEFINE_enum("cache_dtype", "float32", ["float32", "bfloat16", "int8"], "KV-latent cache dtype.")
+flags.DEFINE_enum("cache_dtype", "float32", list(CACHE_DTYPES), "KV-latent cache dtype.")
 flags.DEFINE_string("system", None, "System prompt for --chat (default: K2's).")
 flags.mark_flag_as_required("checkpoint_dir")
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from k2jax.errors import DataError
 import glob
 import json
 import os
-import time
 from typing import Sequence
 
 import grain
 import grain.experimental as gex
 import numpy as np
+
+from k2jax.errors import DataError
 
 
 class JsonlSource(grain.sources.RandomAccessDataSource):
@@ -191,24 +191,6 @@ def make_dataset(source, tokenizer_path: str, *, seq_len: int, batch_size: int, 
 
 def _rename(x):
     return {"tokens": x["tokens"], "segment_ids": x["tokens_segment_ids"], "positions": x["tokens_positions"]}
-
-
-def loss_mask(batch) -> np.ndarray:
-    """[b, t] 1.0 where token t+1 continues the same document (its target is real), else 0 (padding, ends)."""
-    seg = batch["segment_ids"]
-    nxt = np.concatenate([seg[:, 1:], np.zeros_like(seg[:, :1])], axis=1)
-    return ((seg == nxt) & (seg != 0)).astype(np.float32)
-
-
-def measure_throughput(ds: grain.IterDataset, num_batches: int = 20, warmup: int = 2) -> float:
-    """Tokens per second (non-padding) that the pipeline alone delivers."""
-    it = iter(ds)
-    for _ in range(warmup):
-        next(it)
-    t0, tokens = time.perf_counter(), 0
-    for _ in range(num_batches):
-        tokens += int((next(it)["segment_ids"] != 0).sum())
-    return tokens / (time.perf_counter() - t0)
 
 
 def global_batch(local_batch, mesh, rules):

@@ -68,8 +68,3 @@ def read(cache: dict, layer) -> tuple[jax.Array, jax.Array]:
             x = x.astype(jnp.float32) * cache[f"{name}_scale"][layer]
         out.append(x)
     return out[0], out[1]
-
-
-def cache_dtype_of(cache: dict) -> str:
-    """The cache dtype name of a stack's cache."""
-    return "int8" if "latent_scale" in cache else jnp.dtype(cache["latent"].dtype).name

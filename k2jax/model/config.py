@@ -4,13 +4,14 @@ with the weights. `configure` routes key=value overrides to the one of the two t
 
 from __future__ import annotations
 
-from k2jax.errors import ConfigError
 import dataclasses
 import importlib.util
 import json
 import math
 import os
 from typing import Any, Mapping
+
+from k2jax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe", "save_moe_attn")
 MOE_IMPLS = ("auto", "blocks", "ragged", "loop", "gather")

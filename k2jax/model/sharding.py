@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from k2jax.errors import ShardingError
 import dataclasses
 import math
 from typing import Iterable, Mapping, Sequence
@@ -10,6 +9,8 @@ from typing import Iterable, Mapping, Sequence
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from k2jax.errors import ShardingError
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from k2jax.errors import ConfigError
 import collections
 import heapq
 
 import regex
 
+from k2jax.errors import ConfigError
 from k2jax.text.tokenizer import PATTERN, write_ranks
 
 

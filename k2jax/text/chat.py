@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from k2jax.errors import ChatFormatError
 import json
 import re
 from typing import Any, Mapping, Sequence
+
+from k2jax.errors import ChatFormatError
 
 DEFAULT_SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
 GENERATION_PROMPT = "<|im_assistant|>assistant<|im_middle|>"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from k2jax.errors import TokenizerError
 import base64
 import binascii
 import os
 from typing import Collection, Iterator, Literal
 
 import tiktoken
+
+from k2jax.errors import TokenizerError
 
 NUM_SPECIAL = 256
 # Special tokens at their offsets from the number of BPE ranks (163584 in the official file).

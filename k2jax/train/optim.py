@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from k2jax.errors import ConfigError
 import dataclasses
 import math
 from typing import Any, NamedTuple
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from k2jax.errors import ConfigError
 from k2jax.model.params import is_stacked, spec_of, state_path
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -115,9 +115,8 @@ def muon(*, momentum: float, weight_decay: float, ns_steps: int, kv_lora_rank: i
     MLA projections are orthogonalised as the math splits them: q_b, kv_b per head; kv_a as its latent and
     rope-key parts; o as one [heads·v, d] matrix; experts are a batch of matrices. The learning rate is
     applied after. With `layer_loop`, stacked layers go one at a time through a loop that updates the
-    momentum in place, so Newton-Schulz's float32 temporaries are one layer's, not the whole model's (for K2
-    on v5p-256 the all-at-once update alone needed 114 GiB per chip); without it (unrolled models, FLOP
-    counting) all layers are one batched update.
+    momentum in place, so Newton-Schulz's float32 temporaries are one layer's, not the whole model's (README:
+    what that saves for K2); without it (unrolled models, FLOP counting) all layers are one batched update.
     """
 
     def init(params):

@@ -1,18 +1,17 @@
 """Dropless grouped expert matmuls: every (token, expert) assignment is computed, none dropped.
 
 Four formulations with the same result:
-- "ragged": rows sorted by expert and `jax.lax.ragged_dot` (forward ~1x the ideal on TPU, but its weight
-  gradient is costed densely over every expert by the TPU compiler, and the CPU backend lowers it to dense
-  work over every expert);
+- "ragged": rows sorted by expert and `jax.lax.ragged_dot` (near the ideal forward on TPU, but the TPU
+  compiler costs its weight gradient densely over every expert, and the CPU backend lowers it to dense work
+  over every expert);
 - "blocks": rows sorted by expert, each expert's group padded to a multiple of a row block, and a loop over
   the blocks, each multiplying by its expert's weights read in place (near-ideal on CPU: padding < 1 block
   per expert, and blocks past the last used one are skipped at run time);
 - "loop": one (token, expert) assignment at a time, in expert order, each reading its expert's kernels in
   place. For decode-sized token counts (assignments <= experts) an iteration's working set (one expert's
   3·d·f values) stays in cache, so the chosen experts go through memory once; "auto" picks it on CPU there;
-- "gather": every assignment's kernels gathered into one [t, k, d, f] array and multiplied at once (vectorised;
-  at batch 8 on CPU that copy goes through memory twice: `benchmarks/decode.py --malloc host --batches 8
-  --set moe_impl=gather` decoded 45.6 tokens/s against 91.6 with "loop").
+- "gather": every assignment's kernels gathered into one [t, k, d, f] array and multiplied at once (vectorised,
+  but that copy goes through memory twice: README, "Dropless grouped matmul", has the decode rates).
 
 Every path takes the kernels either of one layer ([e, d, f]) or stacked over layers ([layers, e, d, f]) with
 `layer`, the index of the layer to use: decoding scans over layers and reads each expert in place that way,
@@ -39,9 +38,8 @@ def resolve_impl(impl: str, rows: int = 0, n_groups: int = 0) -> tuple[str, int]
     with blocks of at least CPU_MIN_BLOCK rows (block_size_for); an explicit 'blocks' keeps the padding rule alone
     (smallest block 8), as `k2jax-compile` passes for TPU targets.
 
-    'ragged' stays available but is not the default for training: the TPU compiler (libtpu 0.0.42) costs the
-    weight gradient of ragged_dot as a dense product over every group (4.97x the ideal MoE FLOPs forward +
-    backward on the tiny preset with 16 experts, against 1.21x for 'blocks'; docs/scale.md).
+    'ragged' stays available but is not the default for training: the TPU compiler costs the weight gradient of
+    ragged_dot as a dense product over every group (README, "Measured here", has the compiled FLOPs of both).
     """
     if impl != "auto":
         return impl, 8
@@ -102,10 +100,8 @@ def block_size_for(rows: int, n_groups: int, requested: int = 0, minimum: int = 
     and the block has at least `minimum` rows.
 
     On CPU each block costs a copy of its expert's kernels and GEMMs too small to run near the peak, so "auto"
-    there asks for CPU_MIN_BLOCK: one MoE layer of configs/small.py (6144 assignments over 64 experts, forward +
-    backward) took 685-694 ms with the padding rule's 8-row blocks and 416-507 ms with 64-row ones, though the
-    padding grows from ~4% to ~33% (`python benchmarks/cpu_kernels.py`); at 16 experts and 512 assignments each
-    (configs/tiny.py's quick start) the rule already gives 64.
+    there asks for CPU_MIN_BLOCK: fewer, larger blocks are faster there despite the extra padding
+    (`python benchmarks/cpu_kernels.py` times both; the README has its figures).
     """
     if requested:
         return requested

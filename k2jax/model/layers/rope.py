@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from k2jax.model.config import yarn_mscale
+
 
 def yarn_inv_freq(config) -> tuple[np.ndarray, float]:
     """Inverse frequencies [rope_dim // 2] (float32) and the cos/sin attention factor of YaRN (or plain RoPE)."""
@@ -31,13 +33,10 @@ def yarn_inv_freq(config) -> tuple[np.ndarray, float]:
     inv_inter = 1.0 / (factor * pos_freqs)
     inv_freq = inv_inter * (1 - extrapolation) + inv_extra * extrapolation
 
-    def mscale(scale, m):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
     if config.rope_mscale and config.rope_mscale_all_dim:
-        attn_factor = mscale(factor, config.rope_mscale) / mscale(factor, config.rope_mscale_all_dim)
+        attn_factor = yarn_mscale(factor, config.rope_mscale) / yarn_mscale(factor, config.rope_mscale_all_dim)
     else:
-        attn_factor = mscale(factor, 1.0)
+        attn_factor = yarn_mscale(factor, 1.0)
     return inv_freq.astype(np.float32), float(attn_factor)
 
 
