@@ -13,7 +13,7 @@ from flax import nnx
 import k2jax
 from k2jax.ckpt.convert import import_hf
 from k2jax.ckpt.safetensors import CheckpointError, SafetensorsFolder, write_safetensors
-from k2jax.testing.reference import build_hf_model, hf_logits
+from k2jax.testing.reference import build_hf_model, dequant_reference, hf_logits, write_fp8_release
 
 # hidden 160 and expert width 96: every FP8 block grid has partial edge blocks
 ODD = dict(hidden_size=160, moe_intermediate_size=96, intermediate_size=200)
@@ -22,15 +22,6 @@ ODD = dict(hidden_size=160, moe_intermediate_size=96, intermediate_size=200)
 def _cli(*args):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "k2jax.cli.convert", *args], capture_output=True, text=True, env=env)
-
-
-def _dequant_reference(q, s):
-    """W[i, j] = fp8[i, j] * scale_inv[i // 128, j // 128], written out plainly."""
-    w = q.astype(np.float32)
-    for bi in range(s.shape[0]):
-        for bj in range(s.shape[1]):
-            w[bi * 128:(bi + 1) * 128, bj * 128:(bj + 1) * 128] *= s[bi, bj]
-    return w
 
 
 @pytest.fixture(scope="module")
@@ -44,31 +35,8 @@ def fp8_checkpoint(tmp_path_factory, tiny_config):
     base = tmp_path_factory.mktemp("fp8_src")
     config = tiny_config.replace(**ODD)
     build_hf_model(config, str(base), seed=4)
-    src = SafetensorsFolder(str(base))
-    rng = np.random.default_rng(0)
     out = tmp_path_factory.mktemp("fp8")
-    tensors, dequant = {}, {}
-    for name in src.names():
-        w = np.array(src.get(name))
-        linear = w.ndim == 2 and name.endswith("proj.weight")
-        if linear:
-            s = rng.uniform(0.5, 2.0, (-(-w.shape[0] // 128), -(-w.shape[1] // 128))).astype(np.float32) / 64
-            q = (w / np.repeat(np.repeat(s, 128, 0), 128, 1)[: w.shape[0], : w.shape[1]]).astype(ml_dtypes.float8_e4m3fn)
-            tensors[name], tensors[name + "_scale_inv"] = q, s
-            dequant[name] = _dequant_reference(q, s)
-        else:
-            tensors[name] = w.astype(ml_dtypes.bfloat16) if "norm" in name or "embed" in name or "lm_head" in name else w
-            dequant[name] = tensors[name].astype(np.float32)
-    names = sorted(tensors)
-    weight_map = {}
-    for i, part in enumerate(np.array_split(np.array(names, dtype=object), 3), 1):
-        fname = f"model-{i}-of-3.safetensors"
-        write_safetensors(str(out / fname), {n: tensors[n] for n in part})
-        weight_map.update({n: fname for n in part})
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    hf_cfg = to_hf_config(config)
-    hf_cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
-    (out / "config.json").write_text(json.dumps(hf_cfg))
+    dequant = write_fp8_release(str(base), str(out))
     torch_model = DeepseekV3ForCausalLM(DeepseekV3Config(**to_hf_config(config))).float().eval()
     from k2jax.testing.reference import load_official_names
 
@@ -134,7 +102,7 @@ def test_fp8_export_requantises_in_the_official_layout(hf_tiny, tmp_path):
     q, s = out.get(name), out.get(name + "_scale_inv")
     assert q.dtype == np.dtype(ml_dtypes.float8_e4m3fn) and s.dtype == np.float32
     assert s.shape == (-(-q.shape[0] // 128), -(-q.shape[1] // 128))
-    np.testing.assert_allclose(_dequant_reference(q, s), ref.get(name), rtol=0.07, atol=1e-6)
+    np.testing.assert_allclose(dequant_reference(q, s), ref.get(name), rtol=0.07, atol=1e-6)
     assert json.load(open(tmp_path / "fp8" / "config.json"))["quantization_config"]["weight_block_size"] == [128, 128]
 
 

@@ -29,6 +29,17 @@ flags.DEFINE_integer("log_every", 10, "Logging interval in steps.")
 flags.DEFINE_string("data", "", "Training data: .jsonl / .txt / .array_record path or glob (default: embedded corpus).")
 flags.DEFINE_string("text_field", "text", "JSONL/ArrayRecord field holding the text.")
 flags.DEFINE_enum("on_missing_text", "error", ["error", "skip"], "Records without the text field: error or skip (counted).")
+flags.DEFINE_enum("data_format", "text", ["text", "chat"], "text: documents; chat: JSONL conversations "
+                  '{"messages": [...], "tools": [...]} in K2\'s chat format, the loss on the assistant\'s tokens only.')
+flags.DEFINE_enum("on_long", "drop", ["drop", "truncate"], "chat: a conversation longer than --seq is dropped or "
+                  "truncated after its last whole turn that fits (counted either way).")
+flags.DEFINE_enum("on_bad", "error", ["error", "skip"], "chat: a malformed record stops with FILE:LINE before "
+                  "training, or is skipped and counted.")
+flags.DEFINE_string("eval_data", "", "Held-out data (same format as --data): loss and token accuracy every --eval_every.")
+flags.DEFINE_integer("eval_every", 0, "Evaluate on --eval_data every this many steps (and at the end).")
+flags.DEFINE_string("init_from", "", "Start from these weights: a k2jax checkpoint or an HF folder (bf16, fp32 or the "
+                    "FP8 release); the architecture comes from it, --set may change execution settings only; the "
+                    "optimizer starts fresh at step 0. A workdir with checkpoints resumes from them instead.")
 flags.DEFINE_string("tokenizer", "", "tiktoken.model file (default: a BPE trained on the embedded corpus).")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation and data order.")
 flags.DEFINE_integer("data_workers", 0, "grain worker processes for tokenisation.")
@@ -55,6 +66,32 @@ def init_distributed():
         jax.distributed.initialize()
 
 
+def init_settings():
+    """(architecture of --init_from, execution): --set may only change execution settings, and a --config given
+    explicitly must describe the same architecture (the first disagreeing field is named)."""
+    import dataclasses
+
+    from k2jax.errors import ConfigError
+    from k2jax.model.config import K2Config, configure, load_preset, parse_assignments
+    from k2jax.train.loop import architecture_of
+
+    arch = architecture_of(FLAGS.init_from)
+    sets = parse_assignments(FLAGS.set)
+    fields = [f.name for f in dataclasses.fields(K2Config)]
+    for key in sets:
+        if key in fields:
+            raise ConfigError(f"--set {key}=...: an architecture field; with --init_from the architecture comes "
+                              f"from {FLAGS.init_from} (--set may change execution settings only)")
+    if not FLAGS["config"].present:
+        return configure(arch, None, sets)
+    given, execution = load_preset(FLAGS.config, **sets)
+    for name in fields:
+        if getattr(given, name) != getattr(arch, name):
+            raise ConfigError(f"--config={FLAGS.config} disagrees with --init_from={FLAGS.init_from} on config field "
+                              f"'{name}': {getattr(given, name)!r} vs {getattr(arch, name)!r}")
+    return arch, execution
+
+
 def main(argv):
     del argv
     init_distributed()
@@ -63,7 +100,7 @@ def main(argv):
     from k2jax.train.loop import RunConfig, train
     from k2jax.train.optim import OptimConfig
 
-    config, execution = config_from_flags(FLAGS.config, FLAGS.set)
+    config, execution = config_from_flags(FLAGS.config, FLAGS.set) if not FLAGS.init_from else init_settings()
     optim = override(OptimConfig(learning_rate=FLAGS.lr, warmup_steps=FLAGS.warmup, total_steps=FLAGS.steps,
                                  min_learning_rate=FLAGS.lr / 10), parse_assignments(FLAGS.opt, "--opt"))
     mesh = k2jax.make_mesh(FLAGS.mesh)
@@ -71,7 +108,9 @@ def main(argv):
                     microbatches=FLAGS.microbatches, save_every=FLAGS.save_every, keep=FLAGS.keep,
                     log_every=FLAGS.log_every, data=FLAGS.data, text_field=FLAGS.text_field,
                     on_missing_text=FLAGS.on_missing_text, tokenizer=FLAGS.tokenizer, seed=FLAGS.seed,
-                    data_workers=FLAGS.data_workers, z_loss=FLAGS.z_loss)
+                    data_workers=FLAGS.data_workers, z_loss=FLAGS.z_loss, data_format=FLAGS.data_format,
+                    on_long=FLAGS.on_long, on_bad=FLAGS.on_bad, eval_data=FLAGS.eval_data,
+                    eval_every=FLAGS.eval_every, init_from=FLAGS.init_from)
     # after the flags above are checked, so a bad one leaves no directory behind; before anything compiles
     use_compilation_cache(FLAGS.compilation_cache_dir, os.path.join(FLAGS.workdir, "compile_cache"))
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)

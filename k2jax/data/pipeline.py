@@ -165,21 +165,27 @@ class Tokenize(grain.transforms.Map):
 
 def make_dataset(source, tokenizer_path: str, *, seq_len: int, batch_size: int, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
-                 worker_count: int = 0, add_bos: bool = False) -> grain.IterDataset:
+                 worker_count: int = 0, add_bos: bool = False, drop_remainder: bool = True) -> grain.IterDataset:
     """Batches {"tokens", "segment_ids", "positions"} of [batch_size, seq_len] int32 for this process.
 
     Documents are sharded by process (disjoint), shuffled with `seed` (reshuffled each epoch), tokenised
     with EOS appended (in `worker_count` grain worker processes), and packed: segment ids number the
-    documents of a row from 1 (0 is padding) and positions restart at 0 for each document.
+    documents of a row from 1 (0 is padding) and positions restart at 0 for each document. A chat source
+    (k2jax.data.chat.ChatSource) gives tokenised conversations with loss weights: they are packed whole
+    (first fit, never split across rows) and the batches carry "weights" too.
     """
     if not 0 <= process_index < process_count:
         raise DataError(f"process_index {process_index} must lie in [0, process_count={process_count})")
     if len(source) < process_count:
         raise DataError(f"{source!r} has {len(source)} documents, fewer than the {process_count} processes")
     ds = grain.MapDataset.source(source)[process_index::process_count].shuffle(seed=seed).repeat(num_epochs)
-    ds = ds.map(Tokenize(tokenizer_path, add_bos)).to_iter_dataset()
-    ds = gex.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len})
-    ds = ds.map(_rename).batch(batch_size, drop_remainder=True)
+    if getattr(source, "weighted", False):  # conversations, tokenised with loss weights: whole ones per row
+        ds = gex.FirstFitPackIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len, "weights": seq_len},
+                                         num_packing_bins=batch_size, seed=seed, shuffle_bins=False)
+    else:
+        ds = ds.map(Tokenize(tokenizer_path, add_bos)).to_iter_dataset()
+        ds = gex.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len})
+    ds = ds.map(_rename).batch(batch_size, drop_remainder=drop_remainder)
     if worker_count > 0:
         from absl import flags
 
@@ -190,7 +196,10 @@ def make_dataset(source, tokenizer_path: str, *, seq_len: int, batch_size: int, 
 
 
 def _rename(x):
-    return {"tokens": x["tokens"], "segment_ids": x["tokens_segment_ids"], "positions": x["tokens_positions"]}
+    out = {"tokens": x["tokens"], "segment_ids": x["tokens_segment_ids"], "positions": x["tokens_positions"]}
+    if "weights" in x:
+        out["weights"] = x["weights"]
+    return out
 
 
 def global_batch(local_batch, mesh, rules):

@@ -82,7 +82,8 @@ class Sampler:
         """Logits [b, v] at each prompt's last token and the cache (sized max_len) of the right-padded prompts."""
         module = nnx.merge(self.model.graphdef, state)
         cache = self._empty_cache(module, tokens_bt.shape[0], max_len)
-        logits, cache, _ = module.forward(tokens_bt, cache=cache, select_b=lengths_b - 1)
+        # the prompts are written from position 0: their own keys are the whole cache so far
+        logits, cache, _ = module.forward(tokens_bt, cache=cache, cache_len=tokens_bt.shape[1], select_b=lengths_b - 1)
         return logits, cache
 
     def _decode_fn(self, state, cache, tokens_b, pos_b):

@@ -59,12 +59,13 @@ def write(cache: dict, layer, positions_bt: jax.Array, latent_btc: jax.Array, k_
     return {k: v.at[layer, rows, positions_bt].set(new[k]) for k, v in cache.items()}
 
 
-def read(cache: dict, layer) -> tuple[jax.Array, jax.Array]:
-    """Layer `layer`'s (latent [b, s, c], k_rope [b, s, r]), dequantised to float32 for an int8 cache."""
+def read(cache: dict, layer, length: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Layer `layer`'s (latent [b, s, c], k_rope [b, s, r]) of the first `length` slots (default all),
+    dequantised to float32 for an int8 cache."""
     out = []
     for name in _PARTS:
-        x = cache[name][layer]
+        x = cache[name][layer, :, :length]
         if f"{name}_scale" in cache:
-            x = x.astype(jnp.float32) * cache[f"{name}_scale"][layer]
+            x = x.astype(jnp.float32) * cache[f"{name}_scale"][layer, :, :length]
         out.append(x)
     return out[0], out[1]

@@ -50,11 +50,11 @@ class Block(nnx.Module):
         self.is_moe, self.rules = moe, rules
 
     def __call__(self, x_btd, cos, sin, segment_ids=None, cache=None, *, layer=None, positions_bt=None,
-                 experts=None):
+                 experts=None, cache_len=None):
         """(y [b, t, d], cache, stats). `cache` with `layer` and `positions_bt`: see MLAttention; `experts`:
         the stacked routed kernels and this layer's index, read in place (inference)."""
         h, max_logit, cache = self.attn(self.attn_norm(x_btd), cos, sin, segment_ids, cache=cache, layer=layer,
-                                        positions_bt=positions_bt)
+                                        positions_bt=positions_bt, cache_len=cache_len)
         h = constrain(x_btd + h, self.rules, ACT)
         stats = {} if max_logit is None else {"max_logit": max_logit}
         if self.is_moe:
@@ -97,13 +97,14 @@ class Transformer(nnx.Module):
         return [(name, getattr(self, name)) for name in STACKS if getattr(self, name) is not None]
 
     def forward(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, cache: dict | None = None,
-                select_b=None, head: bool = True):
+                cache_len: int | None = None, select_b=None, head: bool = True):
         """(out, cache, stats): the one forward pass of training, prefill and decode.
 
         out: float32 logits [b, t, vocab], or hidden states [b, t, d] after the final norm with head=False;
         select_b [b] keeps one position per sequence ([b, vocab] / [b, d]), e.g. each prompt's last token.
         cache: {stack name: that stack's cache} (k2jax.model.cache), written at `positions_bt`; the updated
-        cache is returned (None without one). stats: per-layer statistics stacked over layers, keyed by
+        cache is returned (None without one). cache_len (static): attend over the cache's first slots only,
+        when every position is below it (a prompt written from position 0 needs its own length only). stats: per-layer statistics stacked over layers, keyed by
         stack (max attention logits, expert loads, balance loss), without a cache only.
         """
         c = self.config
@@ -118,7 +119,7 @@ class Transformer(nnx.Module):
         for name, stack in self.stacks():
             layer_cache = None if cache is None else cache[name]
             x, layer_cache, stats[name] = self._run_stack(stack, x, cos, sin, segment_ids_bt, layer_cache,
-                                                          positions_bt)
+                                                          positions_bt, cache_len)
             if cache is not None:
                 new_cache[name] = layer_cache
         h = self.final_norm(x)
@@ -126,7 +127,7 @@ class Transformer(nnx.Module):
             h = jnp.take_along_axis(h, select_b[:, None, None], axis=1)[:, 0]
         return (self.logits_from_hidden(h) if head else h), new_cache, stats
 
-    def _run_stack(self, stack: Block, x, cos, sin, segment_ids, cache, positions_bt):
+    def _run_stack(self, stack: Block, x, cos, sin, segment_ids, cache, positions_bt, cache_len):
         graphdef, state = nnx.split(stack)
         n = jax.tree.leaves(state)[0].shape[0]
         # with a cache (inference) each MoE layer gets the stacked kernels and its index, so only the chosen
@@ -139,7 +140,7 @@ class Transformer(nnx.Module):
             layer_state, layer = inp
             blk = nnx.merge(graphdef, layer_state)
             h, cache, s = blk(h, cos, sin, segment_ids, cache, layer=layer, positions_bt=positions_bt,
-                              experts=None if experts is None else (*experts, layer))
+                              experts=None if experts is None else (*experts, layer), cache_len=cache_len)
             return (h, cache), s
 
         run = self.execution

@@ -3,6 +3,10 @@ and their logits, shared by the tests and the benchmarks. Needs the test extras 
 
 from __future__ import annotations
 
+import json
+import os
+
+import ml_dtypes
 import numpy as np
 
 from k2jax.model.config import to_hf_config
@@ -68,3 +72,67 @@ def load_official_names(torch_model, tensors):
                     down[e].copy_(value)
                 else:
                     gate_up[e, :half].copy_(value) if kind == "gate" else gate_up[e, half:].copy_(value)
+
+
+def dequant_reference(q, s):
+    """W[i, j] = fp8[i, j] * scale_inv[i // 128, j // 128], written out plainly."""
+    w = q.astype(np.float32)
+    for bi in range(s.shape[0]):
+        for bj in range(s.shape[1]):
+            w[bi * 128:(bi + 1) * 128, bj * 128:(bj + 1) * 128] *= s[bi, bj]
+    return w
+
+
+def write_fp8_release(src: str, out: str, seed: int = 0) -> dict:
+    """Writes the HF folder `src` in the official FP8 release's layout to `out` (linear weights e4m3 with random
+    128x128 block scales, norms / embedding / lm_head bf16, 3 shards and an index); returns the dequantised
+    float32 tensors by name."""
+    from k2jax.ckpt.safetensors import SafetensorsFolder, write_safetensors
+
+    folder = SafetensorsFolder(src)
+    rng = np.random.default_rng(seed)
+    tensors, dequant = {}, {}
+    for name in folder.names():
+        w = np.array(folder.get(name))
+        if w.ndim == 2 and name.endswith("proj.weight"):
+            s = rng.uniform(0.5, 2.0, (-(-w.shape[0] // 128), -(-w.shape[1] // 128))).astype(np.float32) / 64
+            q = (w / np.repeat(np.repeat(s, 128, 0), 128, 1)[: w.shape[0], : w.shape[1]]).astype(ml_dtypes.float8_e4m3fn)
+            tensors[name], tensors[name + "_scale_inv"] = q, s
+            dequant[name] = dequant_reference(q, s)
+        else:
+            tensors[name] = w.astype(ml_dtypes.bfloat16) if "norm" in name or "embed" in name or "lm_head" in name else w
+            dequant[name] = tensors[name].astype(np.float32)
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate(np.array_split(np.array(names, dtype=object), 3), 1):
+        fname = f"model-{i}-of-3.safetensors"
+        write_safetensors(os.path.join(out, fname), {n: tensors[n] for n in part})
+        weight_map.update({n: fname for n in part})
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(src, "config.json")) as f:
+        hf_cfg = json.load(f)
+    hf_cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(hf_cfg, f)
+    return dequant
+
+
+def main(argv=None):
+    """python -m k2jax.testing.reference OUT [--preset tiny] [--seed 0]: a random HF-format DeepSeek-V3 model of a
+    preset's architecture (what an HF release folder holds), for trying the HF paths on a machine without one."""
+    import argparse
+
+    from k2jax.model.config import load_config
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("out")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    build_hf_model(load_config(args.preset), args.out, seed=args.seed)
+    print(f"wrote a random {args.preset} DeepseekV3ForCausalLM to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

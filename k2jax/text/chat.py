@@ -40,27 +40,32 @@ def _tool_call_text(call: Mapping[str, Any], index: int, where: str) -> str:
     return f"<|tool_call_begin|>{call_id}<|tool_call_argument_begin|>{args}<|tool_call_end|>"
 
 
-def apply_chat_template(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
-                        add_generation_prompt: bool = True) -> str:
-    """Renders OpenAI-style messages in K2's format (encode the result with allow_special='all').
+def render_segments(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
+                    add_generation_prompt: bool = True) -> list[list[tuple[str, bool]]]:
+    """K2's chat format as pieces: one list of (text, generated) per turn, the tool declaration and the default
+    system turn first when they apply, then one per message, then the generation prompt. `generated` marks
+    the text the assistant produces: its content, its tool-call section and the <|im_end|> closing its turn
+    (not the role header). Every piece starts and ends at a special token, so tokenising the pieces one by one
+    gives the ids of the whole text.
 
     Roles: system, user, assistant (optionally with `tool_calls`), tool (`tool_call_id`, optional `name`).
     Tools are declared first as `<|im_system|>tool_declare<|im_middle|>{json}<|im_end|>`; without a leading
     system message the default K2 system turn is inserted.
     """
-    out = []
+    turns = []
     if tools:
-        out.append("<|im_system|>tool_declare<|im_middle|>"
-                   + json.dumps(list(tools), separators=(",", ":"), ensure_ascii=False) + "<|im_end|>")
+        turns.append([("<|im_system|>tool_declare<|im_middle|>"
+                       + json.dumps(list(tools), separators=(",", ":"), ensure_ascii=False) + "<|im_end|>", False)])
     if not messages or messages[0].get("role") != "system":
-        out.append(f"<|im_system|>system<|im_middle|>{DEFAULT_SYSTEM}<|im_end|>")
+        turns.append([(f"<|im_system|>system<|im_middle|>{DEFAULT_SYSTEM}<|im_end|>", False)])
     for i, m in enumerate(messages):
         role = m.get("role")
         where = f"messages[{i}] (role {role!r})"
         if role == "system":
-            out.append(f"<|im_system|>system<|im_middle|>{_content_text(m.get('content'), where)}<|im_end|>")
+            turns.append([(f"<|im_system|>system<|im_middle|>{_content_text(m.get('content'), where)}<|im_end|>",
+                           False)])
         elif role == "user":
-            out.append(f"<|im_user|>user<|im_middle|>{_content_text(m.get('content'), where)}<|im_end|>")
+            turns.append([(f"<|im_user|>user<|im_middle|>{_content_text(m.get('content'), where)}<|im_end|>", False)])
         elif role == "assistant":
             text = _content_text(m.get("content"), where)
             calls = m.get("tool_calls") or []
@@ -68,18 +73,25 @@ def apply_chat_template(messages: Sequence[Mapping[str, Any]], tools: Sequence[M
                 text += ("<|tool_calls_section_begin|>"
                          + "".join(_tool_call_text(c, j, where) for j, c in enumerate(calls))
                          + "<|tool_calls_section_end|>")
-            out.append(f"<|im_assistant|>assistant<|im_middle|>{text}<|im_end|>")
+            turns.append([(GENERATION_PROMPT, False), (text + "<|im_end|>", True)])
         elif role == "tool":
             if "tool_call_id" not in m:
                 raise ChatFormatError(f"{where}: a tool result needs 'tool_call_id'")
             name = m.get("name") or "tool"
             body = f"## Return of {m['tool_call_id']}\n{_content_text(m.get('content'), where)}"
-            out.append(f"<|im_system|>{name}<|im_middle|>{body}<|im_end|>")
+            turns.append([(f"<|im_system|>{name}<|im_middle|>{body}<|im_end|>", False)])
         else:
             raise ChatFormatError(f"{where}: unknown role; expected system, user, assistant or tool")
     if add_generation_prompt:
-        out.append(GENERATION_PROMPT)
-    return "".join(out)
+        turns.append([(GENERATION_PROMPT, False)])
+    return turns
+
+
+def apply_chat_template(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
+                        add_generation_prompt: bool = True) -> str:
+    """Renders OpenAI-style messages in K2's format (encode the result with allow_special='all'); see
+    `render_segments` for the roles and the turns."""
+    return "".join(text for turn in render_segments(messages, tools, add_generation_prompt) for text, _ in turn)
 
 
 _SECTION = re.compile(r"<\|tool_calls_section_begin\|>(.*?)(?:<\|tool_calls_section_end\|>|$)", re.DOTALL)

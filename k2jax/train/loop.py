@@ -50,6 +50,12 @@ class RunConfig:
     data_workers: int = 0
     async_save: bool = True
     z_loss: float = 0.0
+    data_format: str = "text"  # text | chat (JSONL conversations; loss on the assistant's tokens)
+    on_long: str = "drop"  # chat: a conversation longer than seq is dropped, or truncated at a turn boundary
+    on_bad: str = "error"  # chat: a malformed record stops with FILE:LINE, or is skipped and counted
+    eval_data: str = ""  # held-out data of the same format, evaluated every eval_every steps
+    eval_every: int = 0
+    init_from: str = ""  # a k2jax checkpoint or an HF folder whose weights start the run (not its optimizer)
 
 
 def resolve_data(run: RunConfig) -> tuple[str, str]:
@@ -59,12 +65,24 @@ def resolve_data(run: RunConfig) -> tuple[str, str]:
     return run.data or default_corpus(), run.tokenizer or default_tokenizer()
 
 
-def open_data(run: RunConfig, config: K2Config, log):
-    """(source, tokenizer path): the data source opened and the tokenizer checked against the model."""
+def open_data(run: RunConfig, config: K2Config, log, path: str | None = None):
+    """(source, tokenizer path): the data source (`path`, default the training data) opened, every record
+    checked, and the tokenizer checked against the model."""
     from k2jax.text.tokenizer import load_tokenizer
 
     data_path, tok_path = resolve_data(run)
+    data_path = path or data_path
     load_tokenizer(tok_path).check_model(config)
+    if run.data_format == "chat":
+        if not run.data:
+            raise ConfigError("--data_format=chat needs --data=FILE.jsonl (the embedded corpus is plain text)")
+        from k2jax.data.chat import ChatSource
+
+        source = ChatSource(data_path, tok_path, run.seq, on_long=run.on_long, on_bad=run.on_bad)
+        log(f"data: {source.counts.summary(data_path)}")
+        return source, tok_path
+    if run.data_format != "text":
+        raise ConfigError(f"--data_format: expected 'text' or 'chat', got {run.data_format!r}")
     source = open_source(data_path, run.text_field, run.on_missing_text)
     skipped = getattr(source, "skipped", [])
     if skipped:
@@ -72,9 +90,51 @@ def open_data(run: RunConfig, config: K2Config, log):
     return source, tok_path
 
 
+def eval_batches(run: RunConfig, config: K2Config, trainer: Trainer, log) -> list:
+    """The held-out set as global batches (one pass; the last batch padded with empty rows)."""
+    source, tok_path = open_data(run, config, log, run.eval_data)
+    nproc = jax.process_count()
+    ds = make_dataset(source, tok_path, seq_len=run.seq, batch_size=run.batch // nproc, seed=0,
+                      process_index=jax.process_index(), process_count=nproc, num_epochs=1, drop_remainder=False)
+    out = []
+    for b in ds:
+        short = run.batch // nproc - len(b["tokens"])
+        if short:  # padding rows: segment 0, weight 0, so they carry no loss
+            b = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
+        out.append(global_batch(b, trainer.mesh, trainer.rules))
+    if not out:
+        raise ConfigError(f"--eval_data={run.eval_data}: no batch of held-out data")
+    return out
+
+
+def architecture_of(path: str) -> K2Config:
+    """The architecture of an HF folder (config.json) or a k2jax checkpoint, read before any weight."""
+    from k2jax.model.config import from_hf_config
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return from_hf_config(path)
+    return ckpt.read_config(ckpt.resolve_step_dir(path))[0]
+
+
+def load_weights(path: str, trainer: Trainer):
+    """The model state of an HF folder (bf16, fp32 or the FP8 release) or a k2jax checkpoint, each array read
+    shard by shard straight into the trainer's shardings and dtypes."""
+    p = trainer.placement
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from k2jax.ckpt.hf import load_hf_state
+
+        return load_hf_state(path, trainer.config, p.abstract, p.shardings)
+    step_dir = ckpt.resolve_step_dir(path)
+    ckpt.check_shapes(step_dir, p.abstract)
+    return ckpt.restore_model_state(step_dir, p.abstract, p.shardings)
+
+
 def start_state(trainer: Trainer, mgr: ocp.CheckpointManager, run: RunConfig, log):
     """(train state, data-iterator state or None, first step): the latest checkpoint's, or a fresh start."""
     latest = mgr.latest_step()
+    if latest is None and run.init_from:
+        log(f"initialised from {run.init_from} (fresh optimizer state, step 0)")
+        return trainer.init_state(model_state=load_weights(run.init_from, trainer)), None, 0
     if latest is None:
         return trainer.init_state(run.seed), None, 0
     state, data_state = restore_train_state(mgr, latest, trainer)
@@ -116,13 +176,21 @@ class StepLog:
         self.run, self.flops, self.writer, self.log = run, flops_per_step, writer, log
         self.peak, peak_src = peak_flops_per_device()
         log(f"peak {self.peak:.3e} FLOP/s per device ({peak_src})")
-        self.pending, self.last, self.t_last, self.step_last = None, {}, time.perf_counter(), start
+        self.pending, self.last, self.last_eval = None, {}, {}
+        self.t_last, self.step_last = time.perf_counter(), start
 
     def push(self, step: int, metrics, force: bool = False):
         """Records step `step`'s (device) metrics; writes the previous logged step's."""
         self.flush()
         if step % self.run.log_every == 0 or step == self.run.steps or force:
             self.pending = (step, metrics)
+
+    def evaluate(self, step: int, metrics: dict):
+        """Writes and prints held-out metrics (host floats: the evaluation has already run)."""
+        self.writer.write(step, metrics)
+        self.last_eval = metrics
+        self.log(f"step {step:6d}  eval loss {metrics['eval_loss']:.4f}  eval accuracy {metrics['eval_accuracy']:.4f}"
+                 f"  ({metrics['eval_tokens']:,.0f} tokens)")
 
     def flush(self):
         """Fetches and writes the pending step's metrics (blocks until that step is done)."""
@@ -164,6 +232,9 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print,
     flops = compile_step(trainer, state, batch, config, run, log)
     writer = MetricsWriter(run.workdir, enabled=pid == 0)
     steps = StepLog(run, flops, step, writer, log)
+    held_out = eval_batches(run, config, trainer, log) if run.eval_data and run.eval_every > 0 else None
+    if held_out is not None and step == 0:  # where the held-out loss starts from
+        steps.evaluate(step, trainer.evaluate(state, held_out))
     stop = {"sigterm": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
     try:
@@ -171,6 +242,8 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print,
             state, metrics = trainer.step(state, batch)
             step += 1
             steps.push(step, metrics, force=stop["sigterm"])
+            if held_out is not None and (step % run.eval_every == 0 or step == run.steps):
+                steps.evaluate(step, trainer.evaluate(state, held_out))
             if step % run.save_every == 0 or step == run.steps or stop["sigterm"]:
                 mgr.save(step, args=train_save_args(trainer, state, it.get_state()),
                          force=stop["sigterm"] or step == run.steps)
@@ -186,7 +259,7 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print,
         mgr.close()
         writer.close()
         signal.signal(signal.SIGTERM, previous)
-    return {**steps.last, "preempted": stop["sigterm"], "final_step": step}
+    return {**steps.last, **steps.last_eval, "preempted": stop["sigterm"], "final_step": step}
 
 
 @contextlib.contextmanager

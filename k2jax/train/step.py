@@ -43,7 +43,7 @@ class Trainer:
 
     def __init__(self, config: K2Config, optim: OptimConfig, mesh: Mesh, rules: ShardingRules | None = None,
                  loss: LossConfig = LossConfig(), microbatches: int = 1, execution: Execution | None = None):
-        p = place(config, mesh, rules or ShardingRules().for_training(), execution)
+        p = self.placement = place(config, mesh, rules or ShardingRules().for_training(), execution)
         self.config, self.execution, self.optim, self.mesh, self.rules = config, p.execution, optim, mesh, p.rules
         self.loss_cfg, self.microbatches = loss, microbatches
         self.graphdef, abs_params, abs_bias = nnx.split(nnx.merge(p.graphdef, p.abstract), nnx.Param, RouterBias)
@@ -90,7 +90,7 @@ class Trainer:
         model = nnx.merge(self.graphdef, params, bias)
         tokens, seg, pos = batch["tokens"], batch.get("segment_ids"), batch.get("positions")
         h, _, stats = model.forward(tokens, pos, seg, head=False)
-        targets, mask = next_token_targets(tokens, seg)
+        targets, mask = next_token_targets(tokens, seg, batch.get("weights"))
         b, t, d = h.shape
         ce, z, max_abs_logit = chunked_cross_entropy(
             h.reshape(b * t, d), model.lm_head[...].astype(h.dtype), targets.reshape(-1), mask.reshape(-1),
@@ -111,7 +111,7 @@ class Trainer:
 
         n = self.microbatches
         seg = batch.get("segment_ids")
-        _, mask = next_token_targets(batch["tokens"], seg)
+        _, mask = next_token_targets(batch["tokens"], seg, batch.get("weights"))
         n_tokens = jnp.maximum(mask.sum().astype(jnp.float32), 1.0)
         n_seq = jnp.asarray(batch["tokens"].shape[0], jnp.float32)
         grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -158,11 +158,39 @@ class Trainer:
 
     @functools.cached_property
     def jit_step(self):
-        """The train step jitted with explicit in/out shardings and the state donated."""
-        batch_sh = {"tokens": self.batch_sharding, "segment_ids": self.batch_sharding,
-                    "positions": self.batch_sharding}
-        return jax.jit(self.step_fn, in_shardings=(self.state_shardings, batch_sh),
+        """The train step jitted with explicit in/out shardings and the state donated; every batch array
+        ({tokens, segment_ids, positions[, weights]}) is split over the batch axes."""
+        return jax.jit(self.step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
                        out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+
+    def eval_fn(self, params, bias, batch) -> dict:
+        """Sums over a batch of the held-out loss: {ce_sum, tokens, correct} (loss-weighted tokens only)."""
+        model = nnx.merge(self.graphdef, params, bias)
+        tokens, seg = batch["tokens"], batch.get("segment_ids")
+        h, _, _ = model.forward(tokens, batch.get("positions"), seg, head=False)
+        targets, mask = next_token_targets(tokens, seg, batch.get("weights"))
+        b, t, d = h.shape
+        ce, _, _, correct = chunked_cross_entropy(
+            h.reshape(b * t, d), model.lm_head[...].astype(h.dtype), targets.reshape(-1), mask.reshape(-1),
+            chunk=self.loss_cfg.vocab_chunk, accuracy=True)
+        return {"ce_sum": ce, "tokens": mask.sum().astype(jnp.float32), "correct": correct}
+
+    @functools.cached_property
+    def jit_eval(self):
+        """`eval_fn` jitted: (state, batch) -> sums, replicated."""
+        return jax.jit(lambda state, batch: self.eval_fn(state.params, state.bias, batch),
+                       in_shardings=(self.state_shardings, self.batch_sharding), out_shardings=self.replicated)
+
+    def evaluate(self, state: TrainState, batches) -> dict:
+        """Loss and next-token accuracy over `batches` (global batches), weighted by their loss tokens."""
+        totals = {"ce_sum": 0.0, "tokens": 0.0, "correct": 0.0}
+        with jax.set_mesh(self.mesh):
+            sums = [self.jit_eval(state, b) for b in batches]
+        for s in jax.device_get(sums):
+            totals = {k: totals[k] + float(s[k]) for k in totals}
+        n = max(totals["tokens"], 1.0)
+        return {"eval_loss": totals["ce_sum"] / n, "eval_accuracy": totals["correct"] / n,
+                "eval_tokens": totals["tokens"]}
 
     def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
         with jax.set_mesh(self.mesh):

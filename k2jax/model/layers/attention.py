@@ -53,19 +53,21 @@ class MLAttention(nnx.Module):
         return q_nope, q_rope, latent_btc, k_rope_btr
 
     def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_bt: jax.Array | None = None,
-                 *, cache: dict | None = None, layer=None, positions_bt: jax.Array | None = None):
+                 *, cache: dict | None = None, layer=None, positions_bt: jax.Array | None = None,
+                 cache_len: int | None = None):
         """Self-attention over x [b, t, d]; returns (out [b, t, d], max pre-softmax logit per head [h], cache).
 
         Without a cache: causal attention within each segment (training, a full forward). With one (a stack's
         cache and this layer's index in it): the tokens' latent and rope key are written at `positions_bt`
         [b, t], then the queries attend over every cached position up to their own: a single token in the
-        latent space (`attend_absorbed`, decode), several with keys expanded per head (prefill). The max logit
-        is only computed without a cache (None otherwise).
+        latent space (`attend_absorbed`, decode), several with keys expanded per head (prefill). `cache_len`
+        (static) reads only the cache's first slots when no query reaches past them (a prompt from position 0).
+        The max logit is only computed without a cache (None otherwise).
         """
         q_nope, q_rope, latent_btc, k_rope_btr = self.project(x_btd, cos, sin)
         if cache is not None:
             cache = kv_cache.write(cache, layer, positions_bt, latent_btc, k_rope_btr)
-            latent_bsc, k_rope_bsr = kv_cache.read(cache, layer)
+            latent_bsc, k_rope_bsr = kv_cache.read(cache, layer, cache_len)
             s = latent_bsc.shape[1]
             mask = (jnp.arange(s)[None, None, :] <= positions_bt[:, :, None])[:, None]  # [b, 1, t, s]
             if x_btd.shape[1] == 1:

@@ -1,0 +1,255 @@
+"""Chat SFT from released weights: assistant-only loss weights, packing, bad records, --init_from, learning."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import k2jax
+from conftest import TINY_RUN
+from k2jax.data.chat import ChatSource
+from k2jax.data.pipeline import make_dataset
+from k2jax.errors import DataError
+from k2jax.text.chat import apply_chat_template
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+CONVERSATION = {
+    "tools": TOOLS,
+    "messages": [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "What is the weather in Paris?", "name": "alice"},
+        {"role": "assistant", "content": "Let me check.",
+         "tool_calls": [{"id": "functions.get_weather:0", "type": "function",
+                         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "functions.get_weather:0", "name": "get_weather", "content": "18 C, sunny"},
+        {"role": "assistant", "content": "It is 18 C and sunny in Paris."},
+    ],
+}
+
+
+def _write(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def _expected_weights(record, tok):
+    """Weights computed apart from the loader: render the conversation prefix by prefix; the tokens an assistant
+    message adds after the generation prompt of the prefix before it are the ones it generates."""
+    msgs, tools = record["messages"], record.get("tools")
+    full = tok.encode(apply_chat_template(msgs, tools, add_generation_prompt=False), allow_special="all")
+    weights = np.zeros(len(full), np.int32)
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start = len(tok.encode(apply_chat_template(msgs[:k], tools, add_generation_prompt=True), allow_special="all"))
+        end = len(tok.encode(apply_chat_template(msgs[:k + 1], tools, add_generation_prompt=False), allow_special="all"))
+        assert full[:end] == tok.encode(apply_chat_template(msgs[:k + 1], tools, add_generation_prompt=False),
+                                        allow_special="all")  # a prefix renders to a prefix of the ids
+        weights[start:end] = 1
+    return np.asarray(full, np.int32), weights
+
+
+def test_loss_weights_are_exactly_the_assistant_generated_tokens(small_tokenizer, tmp_path):
+    path = _write(tmp_path / "one.jsonl", [CONVERSATION])
+    item = ChatSource(path, small_tokenizer.path, 1024)[0]
+    tokens, weights = _expected_weights(CONVERSATION, small_tokenizer)
+    np.testing.assert_array_equal(item["tokens"], tokens)
+    np.testing.assert_array_equal(item["weights"], weights)
+    # the weighted spans are the assistant's content, its tool-call section and the <|im_end|> closing its turn
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], weights, [0]])))
+    spans = [small_tokenizer.decode(tokens[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2])]
+    assert spans == ["Let me check.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+                     "<|tool_call_argument_begin|>{\"city\": \"Paris\"}<|tool_call_end|><|tool_calls_section_end|>"
+                     "<|im_end|>", "It is 18 C and sunny in Paris.<|im_end|>"]
+
+
+def test_packing_keeps_every_weight_on_its_token(small_tokenizer, tmp_path):
+    records = []
+    for i in range(12):
+        r = json.loads(json.dumps(CONVERSATION))
+        r["messages"][1]["content"] = f"Question number {i}: " + "and more " * (i % 4)
+        r["messages"][-1]["content"] = f"Answer {i}" + "!" * i
+        if i % 3 == 0:
+            r = {"messages": r["messages"][:2] + [{"role": "assistant", "content": f"Short {i}."}]}
+        records.append(r)
+    source = ChatSource(_write(tmp_path / "many.jsonl", records), small_tokenizer.path, 256)
+    wanted = {tuple(_expected_weights(r, small_tokenizer)[0]): _expected_weights(r, small_tokenizer)[1]
+              for r in records}
+    ds = make_dataset(source, small_tokenizer.path, seq_len=256, batch_size=2, seed=0, num_epochs=1,
+                      drop_remainder=False)
+    seen = 0
+    for b in ds:
+        for row in range(len(b["tokens"])):
+            for seg in set(b["segment_ids"][row].tolist()) - {0}:
+                at = b["segment_ids"][row] == seg
+                key = tuple(b["tokens"][row][at].tolist())
+                assert key in wanted  # whole conversations, never split across rows
+                np.testing.assert_array_equal(b["weights"][row][at], wanted[key])
+                np.testing.assert_array_equal(b["positions"][row][at], np.arange(at.sum()))
+                seen += 1
+            assert not b["weights"][row][b["segment_ids"][row] == 0].any()  # padding carries no loss
+    assert seen == len(records)
+
+
+BAD = [
+    ('{"messages": [{"role": "robot", "content": "x"}]}', "unknown role 'robot'"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, '
+     '{"role": "tool", "content": "z"}]}', "tool result needs a string 'tool_call_id'"),
+    ('{"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "y"}]}',
+     "'content' must be a string, got list"),
+    ('{"messages": [{"role": "user", "content": "x"}', "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("line, reason", BAD)
+def test_malformed_records_name_file_and_line(small_tokenizer, tmp_path, line, reason):
+    path = _write(tmp_path / "bad.jsonl", [CONVERSATION, CONVERSATION, line, CONVERSATION])
+    with pytest.raises(DataError, match=f"{path}:3: .*{reason}"):
+        ChatSource(path, small_tokenizer.path, 1024)
+    skipping = ChatSource(path, small_tokenizer.path, 1024, on_bad="skip")
+    assert len(skipping) == 3 and skipping.counts.skipped_bad == [3]
+
+
+def test_long_conversations_are_dropped_or_truncated_at_a_turn_boundary(small_tokenizer, tmp_path):
+    path = _write(tmp_path / "long.jsonl", [CONVERSATION])
+    tokens, weights = _expected_weights(CONVERSATION, small_tokenizer)
+    first_answer_end = int(np.flatnonzero(weights)[0]) + int(np.argmin(weights[np.flatnonzero(weights)[0]:]))
+    seq = first_answer_end + 5  # room for the turns up to the first answer, not for the rest
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    dropped = ChatSource(_write(tmp_path / "l2.jsonl", [CONVERSATION, CONVERSATION, short]), small_tokenizer.path, seq)
+    assert (len(dropped), dropped.counts.dropped_long) == (1, 2)
+    cut = ChatSource(path, small_tokenizer.path, seq, on_long="truncate")
+    assert cut.counts.truncated == 1 and len(cut) == 1
+    item = cut[0]
+    np.testing.assert_array_equal(item["tokens"], tokens[:first_answer_end])  # up to the end of the tool-call turn
+    np.testing.assert_array_equal(item["weights"], weights[:first_answer_end])
+
+
+def _cli(module, *args, stdin=None, devices=1):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               K2JAX_HOST_MALLOC="0")
+    return subprocess.run([sys.executable, "-m", f"k2jax.cli.{module}", *args], capture_output=True, text=True,
+                          env=env, input=stdin, timeout=900)
+
+
+def test_bad_chat_data_stops_the_cli_with_file_and_line(small_tokenizer, tmp_path):
+    path = _write(tmp_path / "bad.jsonl", [CONVERSATION, BAD[0][0]])
+    r = _cli("train", "--config=tiny", f"--workdir={tmp_path / 'w'}", f"--data={path}", "--data_format=chat",
+             f"--tokenizer={small_tokenizer.path}", "--steps=1", "--sample_tokens=0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: {path}:2: messages[0]: unknown role 'robot'" in r.stderr
+    assert not os.path.exists(tmp_path / "w" / "1")
+
+
+@pytest.fixture(scope="module")
+def converted(hf_tiny, tmp_path_factory):
+    """(HF folder, its k2jax-convert output in float32)."""
+    from k2jax.ckpt.convert import import_hf
+
+    out = tmp_path_factory.mktemp("converted")
+    import_hf(hf_tiny[0], str(out), dtype="float32", quiet=True)
+    return hf_tiny[0], str(out)
+
+
+def _first_step(trainer, source, batch):
+    from k2jax.train.loop import load_weights
+
+    state = trainer.init_state(model_state=load_weights(source, trainer))
+    with jax.set_mesh(trainer.mesh):
+        loss, grads, _ = jax.jit(trainer._grads)(state.params, state.bias, batch)
+    return float(loss), jax.tree.leaves(jax.device_get(grads))
+
+
+def test_init_from_hf_and_from_its_conversion_start_identically(converted, tiny_config, tmp_path):
+    from k2jax.testing.reference import write_fp8_release
+    from k2jax.train.optim import OptimConfig
+    from k2jax.train.step import Trainer
+
+    hf_dir, k2_dir = converted
+    trainer = Trainer(tiny_config, OptimConfig(), k2jax.make_mesh("", devices=jax.devices()[:1]), execution=TINY_RUN)
+    tokens = np.random.default_rng(0).integers(0, tiny_config.vocab_size, (2, 32)).astype(np.int32)
+    batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens), "positions": np.tile(np.arange(32), (2, 1))}
+    loss_hf, grads_hf = _first_step(trainer, hf_dir, batch)
+    loss_k2, grads_k2 = _first_step(trainer, k2_dir, batch)
+    assert loss_hf == loss_k2 and np.isfinite(loss_hf)
+    for a, b in zip(grads_hf, grads_k2):
+        np.testing.assert_array_equal(a, b)  # bitwise, float32
+    fp8 = tmp_path / "fp8"
+    fp8.mkdir()
+    write_fp8_release(hf_dir, str(fp8))
+    from k2jax.ckpt.convert import import_hf
+
+    fp8_k2 = import_hf(str(fp8), str(tmp_path / "fp8_k2"), dtype="float32", quiet=True)
+    loss_fp8, grads_fp8 = _first_step(trainer, str(fp8), batch)
+    assert (loss_fp8, grads_fp8[0].tolist()) == (_first_step(trainer, fp8_k2, batch)[0],
+                                                 _first_step(trainer, fp8_k2, batch)[1][0].tolist())
+    assert abs(loss_fp8 - loss_hf) < 0.05 * loss_hf  # the same model up to FP8 rounding
+
+
+def test_init_from_refuses_a_disagreeing_config_and_architecture_sets(converted, tmp_path):
+    hf_dir, _ = converted
+    r = _cli("train", "--config=small", f"--init_from={hf_dir}", f"--workdir={tmp_path / 'w'}", "--steps=1")
+    assert r.returncode == 2 and "config field 'vocab_size': 32768 vs 4096" in r.stderr, r.stderr
+    r = _cli("train", f"--init_from={hf_dir}", "--set=num_hidden_layers=2", f"--workdir={tmp_path / 'w'}", "--steps=1")
+    assert r.returncode == 2 and "--set num_hidden_layers=...: an architecture field" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "w")
+
+
+PATTERN = "Certainly! The answer is 42."
+
+
+def _pattern_conversations(n, seed):
+    rng = np.random.default_rng(seed)
+    words = ["weather", "python", "a list", "the sea", "music", "numbers", "a file", "tea", "trains", "code"]
+    out = []
+    for _ in range(n):
+        q = f"Tell me about {rng.choice(words)} and {rng.choice(words)}, please."
+        out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": PATTERN}]})
+    return out
+
+
+def test_sft_from_converted_weights_learns_the_assistant_pattern(converted, small_tokenizer, tmp_path):
+    """A tiny model converted from a random HF checkpoint, fine-tuned on conversations whose assistant always
+    answers the same: the held-out assistant loss falls by a clear margin within 100 CPU steps, and greedy
+    `k2jax-generate --chat` from the checkpoint then produces the answer."""
+    _, k2_dir = converted
+    train = _write(tmp_path / "train.jsonl", _pattern_conversations(200, 0))
+    held = _write(tmp_path / "held.jsonl", _pattern_conversations(16, 1))
+    work = tmp_path / "sft"
+    r = _cli("train", f"--init_from={k2_dir}", "--data_format=chat", f"--data={train}", f"--eval_data={held}",
+             "--eval_every=50", f"--tokenizer={small_tokenizer.path}", f"--workdir={work}", "--steps=100",
+             "--batch=8", "--seq=128", "--set=dtype=float32", "--sample_tokens=0", "--warmup=10", "--lr=3e-3")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "initialised from" in r.stdout
+    evals = [json.loads(line) for line in open(work / "metrics.jsonl") if "eval_loss" in line]
+    assert [e["step"] for e in evals] == [0, 50, 100]
+    before = _held_out_loss_at_start(k2_dir, held, small_tokenizer)  # computed apart from the run
+    assert evals[0]["eval_loss"] == pytest.approx(before, rel=1e-4)
+    assert evals[-1]["eval_loss"] < 0.3 * before and evals[-1]["eval_accuracy"] > 0.9, (before, evals)
+    g = _cli("generate", f"--checkpoint_dir={work}", "--chat", "--temperature=0", "--max_new_tokens=32",
+             f"--tokenizer={small_tokenizer.path}", stdin="Tell me about tea and code, please.\n\n")
+    assert g.returncode == 0, g.stderr[-3000:]
+    assert f"k2> {PATTERN}" in g.stdout, g.stdout
+
+
+def _held_out_loss_at_start(k2_dir, held, tok):
+    """The held-out assistant loss of the converted weights, before any step (the Trainer's own evaluation)."""
+    from k2jax.ckpt.orbax import read_config, resolve_step_dir
+    from k2jax.data.pipeline import global_batch
+    from k2jax.train.loop import load_weights
+    from k2jax.train.optim import OptimConfig
+    from k2jax.train.step import Trainer
+
+    config, _ = read_config(resolve_step_dir(k2_dir))
+    trainer = Trainer(config, OptimConfig(), k2jax.make_mesh("", devices=jax.devices()[:1]),
+                      execution=TINY_RUN)
+    state = trainer.init_state(model_state=load_weights(k2_dir, trainer))
+    ds = make_dataset(ChatSource(held, tok.path, 128), tok.path, seq_len=128, batch_size=8, num_epochs=1)
+    return trainer.evaluate(state, [global_batch(b, trainer.mesh, trainer.rules) for b in ds])["eval_loss"]
