@@ -48,17 +48,19 @@ def conversations(n: int, seed: int = 0):
 
 
 def pipeline_rate(ds, batches: int):
-    """(non-padding tokens/s, loss-carrying share of the non-padding tokens) over `batches` batches after 2."""
+    """(non-padding tokens/s, loss-carrying share of the non-padding tokens, padding share of the rows) over
+    `batches` batches after 2."""
     it = iter(ds)
     for _ in range(2):
         next(it)
-    tokens = loss = 0
+    tokens = loss = slots = 0
     t0 = time.perf_counter()
     for _ in range(batches):
         b = next(it)
         tokens += int((b["segment_ids"] != 0).sum())
+        slots += b["segment_ids"].size
         loss += int(b["weights"].sum()) if "weights" in b else 0
-    return tokens / (time.perf_counter() - t0), loss / max(tokens, 1)
+    return tokens / (time.perf_counter() - t0), loss / max(tokens, 1), 1 - tokens / slots
 
 
 def main():
@@ -88,15 +90,16 @@ def main():
         source = ChatSource(chat_path, tok, args.seq, on_long="truncate")
         open_s = time.perf_counter() - t0
         indexed = sum(len(source[i]["tokens"]) for i in range(min(len(source), 200)))
-        chat_rate, share = pipeline_rate(make_dataset(source, tok, seq_len=args.seq, batch_size=args.batch),
+        chat_rate, share, chat_pad = pipeline_rate(make_dataset(source, tok, seq_len=args.seq, batch_size=args.batch),
                                          args.batches)
-        text_rate, _ = pipeline_rate(make_dataset(open_source(text_path), tok, seq_len=args.seq,
+        text_rate, _, _ = pipeline_rate(make_dataset(open_source(text_path), tok, seq_len=args.seq,
                                                   batch_size=args.batch), args.batches)
     print(f"{len(records)} conversations, seq {args.seq}, batch {args.batch}, {args.batches} batches, "
           f"{os.cpu_count()} cores, no grain workers")
     print(f"opening (check + tokenise every record once): {open_s:.1f} s "
           f"({source.counts.summary('chat.jsonl')}); ~{indexed // min(len(source), 200)} tokens per conversation")
-    print(f"chat pipeline (render + tokenise + first-fit packing): {chat_rate:,.0f} tokens/s")
+    print(f"chat pipeline (render + tokenise + first-fit packing): {chat_rate:,.0f} tokens/s, "
+          f"{chat_pad:.1%} of the rows padding (whole conversations only)")
     print(f"text pipeline (tokenise + concat-and-split) on the same words: {text_rate:,.0f} tokens/s")
     print(f"tokens carrying loss (the assistant's): {share:.1%} of the non-padding tokens")
 

@@ -233,6 +233,11 @@ def test_sft_from_converted_weights_learns_the_assistant_pattern(converted, smal
     before = _held_out_loss_at_start(k2_dir, held, small_tokenizer)  # computed apart from the run
     assert evals[0]["eval_loss"] == pytest.approx(before, rel=1e-4)
     assert evals[-1]["eval_loss"] < 0.3 * before and evals[-1]["eval_accuracy"] > 0.9, (before, evals)
+    again = _cli("train", f"--init_from={k2_dir}", "--data_format=chat", f"--data={train}",
+                 f"--tokenizer={small_tokenizer.path}", f"--workdir={work}", "--steps=101", "--batch=8", "--seq=128",
+                 "--set=dtype=float32", "--sample_tokens=0", "--warmup=10", "--lr=3e-3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "initialised from" not in again.stdout  # the workdir wins over DIR
     g = _cli("generate", f"--checkpoint_dir={work}", "--chat", "--temperature=0", "--max_new_tokens=32",
              f"--tokenizer={small_tokenizer.path}", stdin="Tell me about tea and code, please.\n\n")
     assert g.returncode == 0, g.stderr[-3000:]

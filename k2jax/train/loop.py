@@ -185,8 +185,12 @@ class StepLog:
         if step % self.run.log_every == 0 or step == self.run.steps or force:
             self.pending = (step, metrics)
 
-    def evaluate(self, step: int, metrics: dict):
-        """Writes and prints held-out metrics (host floats: the evaluation has already run)."""
+    def evaluate(self, step: int, run_eval):
+        """Runs `run_eval()` (held-out metrics as host floats) after the pending step is logged, writes and prints
+        them, and restarts the step clock so that the evaluation's time is not counted as training's."""
+        self.flush()
+        metrics = run_eval()
+        self.t_last, self.step_last = time.perf_counter(), step
         self.writer.write(step, metrics)
         self.last_eval = metrics
         self.log(f"step {step:6d}  eval loss {metrics['eval_loss']:.4f}  eval accuracy {metrics['eval_accuracy']:.4f}"
@@ -234,7 +238,7 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print,
     steps = StepLog(run, flops, step, writer, log)
     held_out = eval_batches(run, config, trainer, log) if run.eval_data and run.eval_every > 0 else None
     if held_out is not None and step == 0:  # where the held-out loss starts from
-        steps.evaluate(step, trainer.evaluate(state, held_out))
+        steps.evaluate(step, lambda: trainer.evaluate(state, held_out))
     stop = {"sigterm": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
     try:
@@ -243,8 +247,9 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print,
             step += 1
             steps.push(step, metrics, force=stop["sigterm"])
             if held_out is not None and (step % run.eval_every == 0 or step == run.steps):
-                steps.evaluate(step, trainer.evaluate(state, held_out))
+                steps.evaluate(step, lambda: trainer.evaluate(state, held_out))
             if step % run.save_every == 0 or step == run.steps or stop["sigterm"]:
+                steps.flush()  # a save waits for the step anyway; its time is not the step's
                 mgr.save(step, args=train_save_args(trainer, state, it.get_state()),
                          force=stop["sigterm"] or step == run.steps)
             if stop["sigterm"]:
