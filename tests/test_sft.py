@@ -146,6 +146,9 @@ def test_bad_chat_data_stops_the_cli_with_file_and_line(small_tokenizer, tmp_pat
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"error: {path}:2: messages[0]: unknown role 'robot'" in r.stderr
     assert not os.path.exists(tmp_path / "w" / "1")
+    r = _cli("train", f"--workdir={tmp_path / 'v'}", f"--data={path}", "--data_format=chat", f"--eval_data={path}")
+    assert r.returncode == 2 and "--eval_data and --eval_every go together" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "v")  # refused before anything is written
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,16 @@ class RunConfig:
     eval_every: int = 0
     init_from: str = ""  # a k2jax checkpoint or an HF folder whose weights start the run (not its optimizer)
 
+    def __post_init__(self):
+        """Flag combinations that would otherwise be ignored silently, refused naming the flag."""
+        if self.data_format not in ("text", "chat"):
+            raise ConfigError(f"--data_format: expected 'text' or 'chat', got {self.data_format!r}")
+        if self.data_format == "chat" and not self.data:
+            raise ConfigError("--data_format=chat needs --data=FILE.jsonl (the embedded corpus is plain text)")
+        if bool(self.eval_data) != (self.eval_every > 0):
+            raise ConfigError("--eval_data and --eval_every go together: held-out data and how often to evaluate "
+                              f"on it (got --eval_data={self.eval_data!r}, --eval_every={self.eval_every})")
+
 
 def resolve_data(run: RunConfig) -> tuple[str, str]:
     """(data source, tokenizer path), building the embedded corpus and its tokenizer on first use."""
@@ -74,15 +84,11 @@ def open_data(run: RunConfig, config: K2Config, log, path: str | None = None):
     data_path = path or data_path
     load_tokenizer(tok_path).check_model(config)
     if run.data_format == "chat":
-        if not run.data:
-            raise ConfigError("--data_format=chat needs --data=FILE.jsonl (the embedded corpus is plain text)")
         from k2jax.data.chat import ChatSource
 
         source = ChatSource(data_path, tok_path, run.seq, on_long=run.on_long, on_bad=run.on_bad)
         log(f"data: {source.counts.summary(data_path)}")
         return source, tok_path
-    if run.data_format != "text":
-        raise ConfigError(f"--data_format: expected 'text' or 'chat', got {run.data_format!r}")
     source = open_source(data_path, run.text_field, run.on_missing_text)
     skipped = getattr(source, "skipped", [])
     if skipped:
@@ -236,7 +242,7 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print,
     flops = compile_step(trainer, state, batch, config, run, log)
     writer = MetricsWriter(run.workdir, enabled=pid == 0)
     steps = StepLog(run, flops, step, writer, log)
-    held_out = eval_batches(run, config, trainer, log) if run.eval_data and run.eval_every > 0 else None
+    held_out = eval_batches(run, config, trainer, log) if run.eval_data else None
     if held_out is not None and step == 0:  # where the held-out loss starts from
         steps.evaluate(step, lambda: trainer.evaluate(state, held_out))
     stop = {"sigterm": False}
