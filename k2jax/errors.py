@@ -38,3 +38,11 @@ class DecodeError(K2Error):
 
 class TopologyError(K2Error):
     """An unknown or malformed topology name; the message lists the known ones."""
+
+
+class StorageError(K2Error):
+    """A path or bucket that cannot be read or written; the message names the flag, bucket or object."""
+
+
+class TrainingError(K2Error):
+    """A run that cannot go on (its loss or gradients stopped being finite); the message names the step."""

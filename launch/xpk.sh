@@ -5,6 +5,8 @@
 #                 [--project=ID] [--zone=ZONE] [--dry-run] -- TRAIN_FLAGS...
 #
 # IMAGE is a container with k2jax installed (pip install '.[tpu]'); --dry-run prints the xpk command.
+# The train flags must name a --workdir=gs://BUCKET/PATH: the pods share no disk, and a restarted or replaced pod
+# resumes from the bucket. After submitting, the script prints how to follow the workload and how to stop it.
 set -euo pipefail
 
 cluster="" tpu_type="" image="" workload="k2jax-$(date +%Y%m%d-%H%M%S)" slices=1 project="" zone="" dry=0
@@ -27,6 +29,15 @@ for required in cluster tpu_type image; do
   [[ -n "${!required}" ]] || { echo "xpk.sh: --${required//_/-}=... is required" >&2; exit 2; }
 done
 
+workdir=""
+for arg in "$@"; do
+  case "$arg" in --workdir=*) workdir="${arg#*=}" ;; esac
+done
+if [[ "$workdir" != gs://* ]]; then
+  echo "xpk.sh: the train flags need --workdir=gs://BUCKET/PATH (got '${workdir:-nothing}'): the pods share no disk, so checkpoints and metrics must go to a bucket every host can reach" >&2
+  exit 2
+fi
+
 train="k2jax-train --distributed"
 for arg in "$@"; do
   train+=" $(printf '%q' "$arg")"
@@ -37,9 +48,21 @@ cmd=(xpk workload create "--cluster=$cluster" "--workload=$workload" "--tpu-type
 [[ -n "$project" ]] && cmd+=("--project=$project")
 [[ -n "$zone" ]] && cmd+=("--zone=$zone")
 
+where=("--cluster=$cluster")
+[[ -n "$project" ]] && where+=("--project=$project")
+[[ -n "$zone" ]] && where+=("--zone=$zone")
+
 if [[ $dry -eq 1 ]]; then
   printf '%q ' "${cmd[@]}"
   printf '\n'
 else
   "${cmd[@]}"
 fi
+cat >&2 <<EOF2
+xpk.sh: workload $workload ($tpu_type x $slices); checkpoints and metrics in $workdir
+  follow it:   xpk workload list ${where[*]}
+               kubectl logs -f -l jobset.sigs.k8s.io/jobset-name=$workload --prefix --max-log-requests=1000
+  metrics:     tensorboard --logdir=$workdir
+  stop it:     xpk workload delete ${where[*]} --workload=$workload   (SIGTERM: every host saves, then exits)
+  resume:      submit again with the same --workdir
+EOF2

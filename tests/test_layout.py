@@ -15,6 +15,7 @@ ROOT = os.path.dirname(k2jax.__file__)
 # (packages in one layer are independent of each other). k2jax/__init__.py, the lazy facade, is exempt.
 LAYERS = [
     ("errors", "runtime", "hardware"),
+    ("storage",),
     ("model",),
     ("text",),
     ("data",),

@@ -162,7 +162,7 @@ def converted(hf_tiny, tmp_path_factory):
 
 
 def _first_step(trainer, source, batch):
-    from k2jax.train.loop import load_weights
+    from k2jax.train.resume import load_weights
 
     state = trainer.init_state(model_state=load_weights(source, trainer))
     with jax.set_mesh(trainer.mesh):
@@ -251,7 +251,7 @@ def _held_out_loss_at_start(k2_dir, held, tok):
     """The held-out assistant loss of the converted weights, before any step (the Trainer's own evaluation)."""
     from k2jax.ckpt.orbax import read_config, resolve_step_dir
     from k2jax.data.pipeline import global_batch
-    from k2jax.train.loop import load_weights
+    from k2jax.train.resume import load_weights
     from k2jax.train.optim import OptimConfig
     from k2jax.train.step import Trainer
 

@@ -298,19 +298,31 @@ def test_step_metrics_are_fetched_one_step_late(tmp_path):
             fetched.append(self.step)
             return 1.0
 
+    checked = []
+
+    class Flag:  # the step's ok flag, which the host reads every step (not only logged ones)
+        def __init__(self, step):
+            self.step = step
+
+        def __bool__(self):
+            checked.append(self.step)
+            return True
+
     def metrics(step):
-        return {k: Value(step) for k in ("loss", "grad_norm", "learning_rate", "max_attention_logit")}
+        return {**{k: Value(step) for k in ("loss", "grad_norm", "learning_rate", "max_attention_logit")},
+                "step_ok": Flag(step), "first_nonfinite_grad": -1, "stop_requested": False}
 
     writer = MetricsWriter(str(tmp_path))
     log = StepLog(RunConfig(workdir=str(tmp_path), steps=4, log_every=2), 1e9, 0, writer, lambda *a: None)
     log.push(1, metrics(1))
+    assert checked == []
     log.push(2, metrics(2))
-    assert fetched == []  # step 2 is logged, but not read while it may still run
+    assert fetched == [] and checked == [1]  # step 2 is logged, but not read while it may still run
     log.push(3, metrics(3))
-    assert set(fetched) == {2}  # read once step 3 was dispatched
+    assert set(fetched) == {2} and checked == [1, 2]  # read once step 3 was dispatched
     log.push(4, metrics(4))
     assert set(fetched) == {2}
-    log.flush()
-    assert set(fetched) == {2, 4}
+    log.settle()
+    assert set(fetched) == {2, 4} and checked == [1, 2, 3, 4]
     writer.close()
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [2, 4]

@@ -25,6 +25,7 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
+from k2jax import storage
 from k2jax.ckpt.hf import FP8_BLOCK, HFSource, TensorMap, tensor_maps
 from k2jax.ckpt.orbax import config_to_json, read_config, resolve_step_dir
 from k2jax.ckpt.safetensors import SafetensorsFolder, write_safetensors
@@ -269,6 +270,11 @@ def _finalize(stage: str, final: str, config: K2Config, dtype: str, arrays, abst
             "model": "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"},
         "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now,
         "custom_metadata": {"converted_by": "k2jax-convert"}})
+    # the marker Orbax looks for where it cannot rename (object stores): a converted step copied to a bucket
+    # is complete there too
+    for d in (stage, os.path.join(stage, "model"), os.path.join(stage, "config")):
+        with open(os.path.join(d, "commit_success.txt"), "w") as f:
+            f.write(f"Checkpoint commit was successful to {d}")
     shutil.rmtree(os.path.join(stage, "done"))
     os.remove(os.path.join(stage, "k2_config.json"))
     os.replace(stage, final)
@@ -282,11 +288,14 @@ def _write_json(path: str, obj) -> None:
 
 # ------------------------------------------------------------------------------------------------ export
 def _open_leaf(item_dir: str, name: str):
-    """A tensorstore view of one saved leaf, whether the item was written with OCDBT (training) or not."""
-    if os.path.exists(os.path.join(item_dir, name, ".zarray")):
-        return ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(item_dir, name)}},
-                       open=True).result()
-    return ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{item_dir}", "path": name}},
+    """A tensorstore view of one saved leaf, whether the item was written with OCDBT (training) or not; the
+    item may be local or in a bucket (gs://)."""
+    if storage.exists(storage.join(item_dir, name, ".zarray")):
+        kv = (storage.join(item_dir, name) + "/" if storage.is_url(item_dir)
+              else {"driver": "file", "path": os.path.join(item_dir, name)})
+        return ts.open({"driver": "zarr", "kvstore": kv}, open=True).result()
+    base = item_dir.rstrip("/") + "/" if storage.is_url(item_dir) else f"file://{item_dir}"
+    return ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": base, "path": name}},
                    open=True).result()
 
 
@@ -314,7 +323,7 @@ def export_hf(checkpoint_dir: str, output_dir: str, *, fp8: bool = False, shard_
     config, saved_dtype = read_config(step_dir)
     _, abstract = abstract_model(config)
     maps = tensor_maps(config, abstract)
-    item = os.path.join(step_dir, "model")
+    item = storage.join(step_dir, "model")
     os.makedirs(output_dir, exist_ok=True)
     hf_dtype = dtype_of(saved_dtype)
     shards, current, size = [], {}, 0

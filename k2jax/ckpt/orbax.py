@@ -10,14 +10,48 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import logging
+import sys
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from k2jax import storage
 from k2jax.errors import CheckpointError, ConfigError
 from k2jax.model.config import K2Config
+
+
+def _quiet_abandoned_reads():
+    """A failed read of one array leaves Orbax's other pending reads to print their own tracebacks when they are
+    collected ("Task exception was never retrieved", "Event loop is closed", hundreds of lines), after the
+    error itself was raised and reported (describe_damage). Those echoes, and only those, are dropped."""
+    echoes = ("Encountered error while reading array index", "Event loop is closed")
+
+    def echo(exc) -> bool:
+        return exc is not None and str(exc).startswith(echoes)
+
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+    def unraisable(info):
+        if not echo(info.exc_value):
+            previous_unraisable(info)
+
+    def excepthook(kind, value, tb):
+        if not echo(value):
+            previous_except(kind, value, tb)
+
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+
+    class _DropEchoes(logging.Filter):
+        def filter(self, record):
+            return not (record.exc_info and echo(record.exc_info[1])) and "exception was never retrieved" not in \
+                record.getMessage()
+
+    logging.getLogger("asyncio").addFilter(_DropEchoes())
+
+
+_quiet_abandoned_reads()
 
 
 def config_to_json(config: K2Config, param_dtype: str) -> dict:
@@ -38,7 +72,7 @@ def manager(root: str, *, max_to_keep: int | None = None, save_interval_steps: i
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                            enable_async_checkpointing=async_save, read_only=read_only,
                                            create=not read_only)
-    return ocp.CheckpointManager(os.path.abspath(root), options=options,
+    return ocp.CheckpointManager(storage.resolve(root), options=options,
                                  item_names=("model", "config", "opt_state", "train"))
 
 
@@ -54,54 +88,115 @@ def save_args(model_state, config: K2Config, param_dtype: str, opt_state=None,
     return ocp.args.Composite(**items)
 
 
+def step_dirs(root: str) -> list[int]:
+    """The complete steps under a checkpoint root, oldest first (Orbax writes _CHECKPOINT_METADATA last)."""
+    steps = sorted(int(d) for d in storage.listdir(root) if d.isdigit())
+    return [s for s in steps if is_complete(storage.join(root, str(s)))]
+
+
+def is_complete(step_dir: str) -> bool:
+    """Orbax finished writing this step: on local disks its directory was renamed into place with
+    _CHECKPOINT_METADATA in it; on object stores (no rename) it also wrote commit_success.txt last."""
+    if not storage.exists(storage.join(step_dir, "_CHECKPOINT_METADATA")):
+        return False
+    return not storage.is_url(step_dir) or storage.exists(storage.join(step_dir, "commit_success.txt"))
+
+
+def is_step_dir(path: str) -> bool:
+    return storage.isdir(storage.join(path, "model")) and storage.isdir(storage.join(path, "config"))
+
+
 def resolve_step_dir(path: str) -> str:
     """`path` itself if it is a step directory, else the latest complete step under it (errors name the path)."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = storage.resolve(path)
+    if not storage.isdir(path):
         raise CheckpointError(f"checkpoint directory not found: {path}")
-    if os.path.isdir(os.path.join(path, "model")) and os.path.isdir(os.path.join(path, "config")):
-        if not os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
+    if is_step_dir(path):
+        if not is_complete(path):
             raise CheckpointError(f"{path}: checkpoint is incomplete (its writing did not finish)")
         return path
-    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d)))
-    complete = [s for s in steps if os.path.exists(os.path.join(path, str(s), "_CHECKPOINT_METADATA"))]
+    complete = step_dirs(path)
     if not complete:
-        pending = [d for d in os.listdir(path) if "tmp" in d or d.endswith(".partial")]
+        pending = [d for d in storage.listdir(path) if "tmp" in d or d.endswith(".partial")]
         hint = f" (unfinished: {', '.join(sorted(pending))})" if pending else ""
         raise CheckpointError(f"{path}: no complete k2jax checkpoint{hint}")
-    return os.path.join(path, str(complete[-1]))
+    return storage.join(path, str(complete[-1]))
+
+
+def split_step_dir(step_dir: str) -> tuple[str, int]:
+    """(root, step) of a step directory."""
+    step_dir = step_dir.rstrip("/")
+    name = storage.basename(step_dir)
+    return step_dir[: len(step_dir) - len(name) - 1], int(name)
 
 
 def read_config(step_dir: str) -> tuple[K2Config, str]:
     """(architecture, saved parameter dtype) of a step directory."""
-    path = os.path.join(step_dir, "config", "metadata")  # the file Orbax's JSON handler writes
-    if not os.path.isfile(path):
+    path = storage.join(step_dir, "config", "metadata")  # the file Orbax's JSON handler writes
+    if not storage.isfile(path):
         raise CheckpointError(f"{step_dir}: no config item ({path} is missing)")
     try:
-        with open(path) as f:
-            return config_from_json(json.load(f))
+        return config_from_json(json.loads(storage.read_text(path)))
     except (json.JSONDecodeError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path}: not a k2jax config item ({e})") from None
 
 
-def restore_model_state(step_dir: str, abstract_state, shardings):
-    """The `model` item restored straight into `shardings` (dtype of the abstract state), as an nnx.State."""
+def restore_model_state(step_dir: str, abstract_state, shardings, flag: str = ""):
+    """The `model` item restored straight into `shardings` (dtype of the abstract state), as an nnx.State.
+
+    A step that cannot be read is reported by step, tensor and file, with the newest other step that can be
+    (`flag` names where the path came from)."""
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                           nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings))
-    root, step = os.path.split(step_dir.rstrip("/"))
-    with manager(root, read_only=True) as mgr:
-        restored = mgr.restore(int(step), args=ocp.args.Composite(model=ocp.args.StandardRestore(target))).model
+    root, step = split_step_dir(step_dir)
+
+    def read(at: int):
+        with manager(root, read_only=True) as mgr:
+            return mgr.restore(at, args=ocp.args.Composite(model=ocp.args.StandardRestore(target))).model
+
+    try:
+        restored = read(step)
+    except Exception as e:  # noqa: BLE001 - TensorStore and Orbax raise plain Exceptions
+        msg = f"{flag + ': ' if flag else ''}checkpoint step {step} in {root} is damaged: {describe_damage(step_dir, e)}"
+        for other in reversed([s for s in step_dirs(root) if s != step]):
+            try:
+                read(other)
+            except Exception:  # noqa: BLE001
+                continue
+            raise CheckpointError(f"{msg}. Step {other} is intact: use {storage.join(root, str(other))}") from None
+        raise CheckpointError(f"{msg}; no other step in {root} can be read") from None
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, restored)
     return state
 
 
+def describe_damage(step_dir: str, error: BaseException) -> str:
+    """Which tensor and file of a step directory a failed read tripped on, from TensorStore's error chain."""
+    import re
+
+    messages = []
+    while error is not None and len(messages) < 8:
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    detail = next((m for m in reversed(messages) if "Error reading" in m or "NOT_FOUND" in m), messages[-1])
+    detail = detail.strip().splitlines()[0][:400]
+    found = re.search(r'Error reading "([^"/]+)/', detail)
+    what = f"tensor {found.group(1)}" if found else "a tensor"
+    size = re.search(r"value of size (\d+)", detail)
+    files = []
+    if size:  # a truncated data file: the one whose size the reader saw
+        files = [f for f, n in storage.file_sizes(step_dir).items()
+                 if n == int(size.group(1)) and f.rsplit("/", 2)[-2] == "d"]
+    where = f", file {files[0]}" if len(files) == 1 else ""
+    return f"{what}{where} cannot be read ({detail})"
+
+
 def check_shapes(step_dir: str, abstract) -> None:
     """Compares the checkpoint's array metadata with the config's shapes before reading any weight."""
-    root, step = os.path.split(step_dir.rstrip("/"))
+    root, step = split_step_dir(step_dir)
     try:
         with manager(root, read_only=True) as mgr:
-            tree = mgr.item_metadata(int(step))["model"]
+            tree = mgr.item_metadata(step)["model"]
     except Exception:  # metadata layout differs between Orbax versions: the restore itself still checks
         return
     if tree is None:

@@ -10,6 +10,7 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
+from k2jax import storage
 from k2jax.errors import CheckpointError
 
 SAFETENSORS_DTYPES = {  # the dtype codes of the safetensors header
@@ -30,7 +31,7 @@ class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         try:
-            with open(path, "rb") as f:
+            with storage.open_file(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 if n > 100_000_000:
                     raise ValueError("header too large")
@@ -54,6 +55,14 @@ class SafetensorsFile:
             row_bytes = (end - start) // max(shape[0], 1)
             start, end, shape = start + rows[0] * row_bytes, start + rows[1] * row_bytes, (rows[1] - rows[0],) + shape[1:]
         buf = np.empty(end - start, np.uint8)
+        if storage.is_url(self.path):  # one ranged request
+            with storage.open_file(self.path, "rb") as f:
+                f.seek(self._offset + start)
+                data = f.read(end - start)
+            if len(data) != len(buf):
+                raise CheckpointError(f"{self.path}: tensor {name!r} is truncated")
+            buf[:] = np.frombuffer(data, np.uint8)
+            return buf.view(dtype).reshape(shape)
         fd = os.open(self.path, os.O_RDONLY)
         try:
             view, done = memoryview(buf), 0
@@ -72,20 +81,19 @@ class SafetensorsFolder:
 
     def __init__(self, folder: str):
         self.folder = folder
-        index = os.path.join(folder, "model.safetensors.index.json")
-        single = os.path.join(folder, "model.safetensors")
-        if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map", {})
+        index = storage.join(folder, "model.safetensors.index.json")
+        single = storage.join(folder, "model.safetensors")
+        if storage.isfile(index):
+            weight_map = json.loads(storage.read_text(index)).get("weight_map", {})
             files = sorted(set(weight_map.values()))
-            missing = [fn for fn in files if not os.path.isfile(os.path.join(folder, fn))]
+            missing = [fn for fn in files if not storage.isfile(storage.join(folder, fn))]
             if missing:
                 raise CheckpointError(f"{index} names shard files that are missing: {', '.join(missing)}")
-        elif os.path.isfile(single):
+        elif storage.isfile(single):
             files, weight_map = ["model.safetensors"], None
         else:
             raise CheckpointError(f"{folder}: no model.safetensors.index.json or model.safetensors")
-        self.files = {fn: SafetensorsFile(os.path.join(folder, fn)) for fn in files}
+        self.files = {fn: SafetensorsFile(storage.join(folder, fn)) for fn in files}
         self.where: dict[str, str] = {}
         for fn, st in self.files.items():
             for name in st.keys():

@@ -45,6 +45,9 @@ def main(argv):
     if modes != 1:
         raise flags.ValidationError("give exactly one of --prompt, --chat, --prompt_ids")
     ids = _parse_ids(FLAGS.prompt_ids) if FLAGS.prompt_ids is not None else None
+    from k2jax import storage
+
+    storage.check_reachable(FLAGS.checkpoint_dir, "--checkpoint_dir")
     model = k2jax.load(FLAGS.checkpoint_dir, mesh=k2jax.make_mesh(FLAGS.mesh))
     sample = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
                   top_k=FLAGS.top_k, seed=FLAGS.seed, cache_dtype=FLAGS.cache_dtype)

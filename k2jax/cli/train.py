@@ -12,7 +12,8 @@ from k2jax.cli.common import config_from_flags, run_main, use_compilation_cache
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "Preset name, preset file (configs/tiny.py) or HF config.json.")
-flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics.jsonl and TensorBoard events; resumes if it has checkpoints.")
+flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics.jsonl and TensorBoard events; resumes if it has "
+                    "checkpoints. A local path or a gs:// URL (on a pod: a bucket every host shares).")
 flags.DEFINE_string("mesh", "", "Mesh spec such as data=2,expert=4 (default: all devices on data).")
 flags.DEFINE_multi_string("set", [], "Config override key=value (repeatable): an execution setting (remat_policy, "
                           "moe_impl, attn_chunk, param_dtype, ...) or an architecture field, e.g. --set remat_policy=full.")
@@ -44,6 +45,8 @@ flags.DEFINE_string("tokenizer", "", "tiktoken.model file (default: a BPE traine
 flags.DEFINE_integer("seed", 0, "Seed of initialisation and data order.")
 flags.DEFINE_integer("data_workers", 0, "grain worker processes for tokenisation.")
 flags.DEFINE_float("z_loss", 0.0, "z-loss weight.")
+flags.DEFINE_integer("max_bad_steps", 5, "A step whose loss or gradient is not finite is not applied (counted and "
+                     "logged); this many in a row stop the run, naming the step and the first non-finite gradient.")
 flags.DEFINE_integer("sample_tokens", 48, "After training, generate this many tokens from the last checkpoint (0: none).")
 flags.DEFINE_string("sample_prompt", "def ", "Prompt of that sample.")
 flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache: a resumed or restarted run "
@@ -56,14 +59,24 @@ flags.DEFINE_integer("process_id", 0, "This process's index (with --coordinator_
 
 
 def init_distributed():
-    """jax.distributed from flags (explicit coordinator) or the environment (TPU pods); no-op otherwise."""
+    """jax.distributed from flags (explicit coordinator) or the environment; no-op otherwise.
+
+    --distributed on a Cloud TPU VM or GKE lets JAX find its peers from the TPU metadata. On CPU hosts
+    (JAX_PLATFORMS=cpu: a simulated pod, or a CPU cluster) it reads the same facts from TPU_WORKER_HOSTNAMES
+    and TPU_WORKER_ID, with the coordinator on the first host at K2JAX_COORDINATOR_PORT (default 8476)."""
     if FLAGS.coordinator_address:
-        if jax.default_backend() == "cpu" or FLAGS.num_processes > 1:
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
                                    process_id=FLAGS.process_id)
     elif FLAGS.distributed:
-        jax.distributed.initialize()
+        hosts, worker = os.environ.get("TPU_WORKER_HOSTNAMES"), os.environ.get("TPU_WORKER_ID")
+        if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu" and hosts and worker is not None:
+            names = hosts.split(",")
+            port = os.environ.get("K2JAX_COORDINATOR_PORT", "8476")
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            jax.distributed.initialize(f"{names[0]}:{port}", num_processes=len(names), process_id=int(worker))
+        else:
+            jax.distributed.initialize()
 
 
 def init_settings():
@@ -73,7 +86,7 @@ def init_settings():
 
     from k2jax.errors import ConfigError
     from k2jax.model.config import K2Config, configure, load_preset, parse_assignments
-    from k2jax.train.loop import architecture_of
+    from k2jax.train.resume import architecture_of
 
     arch = architecture_of(FLAGS.init_from)
     sets = parse_assignments(FLAGS.set)
@@ -96,6 +109,7 @@ def main(argv):
     del argv
     init_distributed()
     import k2jax
+    from k2jax import storage
     from k2jax.model.config import override, parse_assignments
     from k2jax.train.loop import RunConfig, train
     from k2jax.train.optim import OptimConfig
@@ -110,9 +124,9 @@ def main(argv):
                     on_missing_text=FLAGS.on_missing_text, tokenizer=FLAGS.tokenizer, seed=FLAGS.seed,
                     data_workers=FLAGS.data_workers, z_loss=FLAGS.z_loss, data_format=FLAGS.data_format,
                     on_long=FLAGS.on_long, on_bad=FLAGS.on_bad, eval_data=FLAGS.eval_data,
-                    eval_every=FLAGS.eval_every, init_from=FLAGS.init_from)
+                    eval_every=FLAGS.eval_every, init_from=FLAGS.init_from, max_bad_steps=FLAGS.max_bad_steps)
     # after the flags above are checked, so a bad one leaves no directory behind; before anything compiles
-    use_compilation_cache(FLAGS.compilation_cache_dir, os.path.join(FLAGS.workdir, "compile_cache"))
+    use_compilation_cache(FLAGS.compilation_cache_dir, storage.join(FLAGS.workdir, "compile_cache"))
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
     result = train(config, optim, run, mesh, log=log, execution=execution)
     if result.get("preempted"):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import grain
 import numpy as np
 
+from k2jax import storage
 from k2jax.errors import ChatFormatError, DataError
 from k2jax.text.chat import render_segments
 
@@ -97,12 +97,13 @@ class ChatSource(grain.sources.RandomAccessDataSource):
             raise DataError(f"--on_long: expected 'drop' or 'truncate', got {on_long!r}")
         if on_bad not in ("error", "skip"):
             raise DataError(f"--on_bad: expected 'error' or 'skip', got {on_bad!r}")
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             raise DataError(f"data file not found: {path}")
-        self.path, self.tokenizer_path, self.seq_len = path, tokenizer_path, seq_len
+        self.name, self.path = path, storage.local_copy(path)
+        self.tokenizer_path, self.seq_len = tokenizer_path, seq_len
         self._tok = None
         self.index, self.counts = [], ChatCounts()  # (byte offset, turns kept) of each conversation
-        with open(path, "rb") as f:
+        with open(self.path, "rb") as f:
             offset = 0
             for lineno, line in enumerate(f, 1):
                 if line.strip():
@@ -124,7 +125,7 @@ class ChatSource(grain.sources.RandomAccessDataSource):
             if on_bad == "skip":
                 self.counts.skipped_bad.append(lineno)
                 return
-            raise DataError(f"{self.path}:{lineno}: {reason} (--on_bad=skip skips and counts such records)")
+            raise DataError(f"{self.name}:{lineno}: {reason} (--on_bad=skip skips and counts such records)")
         lengths = np.cumsum([len(ids) for ids, _ in turns])
         keep = len(turns)
         if lengths[-1] > self.seq_len:
@@ -163,4 +164,4 @@ class ChatSource(grain.sources.RandomAccessDataSource):
         return {"tokens": np.concatenate([t for t, _ in turns]), "weights": np.concatenate([w for _, w in turns])}
 
     def __repr__(self):
-        return f"ChatSource({self.path!r}, {len(self)} conversations)"
+        return f"ChatSource({self.name!r}, {len(self)} conversations)"

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from typing import Sequence
 
 import grain
 import grain.experimental as gex
 import numpy as np
 
+from k2jax import storage
 from k2jax.errors import DataError
 
 
@@ -24,11 +23,11 @@ class JsonlSource(grain.sources.RandomAccessDataSource):
     def __init__(self, path: str, text_field: str = "text", on_missing: str = "error"):
         if on_missing not in ("error", "skip"):
             raise DataError(f"on_missing must be 'error' or 'skip', got {on_missing!r}")
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             raise DataError(f"data file not found: {path}")
-        self.path, self.text_field = path, text_field
+        self.name, self.path, self.text_field = path, storage.local_copy(path), text_field
         self.offsets, self.skipped = [], []
-        with open(path, "rb") as f:
+        with open(self.path, "rb") as f:
             offset = 0
             for lineno, line in enumerate(f, 1):
                 if line.strip():
@@ -62,10 +61,10 @@ class TextFilesSource(grain.sources.RandomAccessDataSource):
     """Plain UTF-8 text files, one document per file."""
 
     def __init__(self, paths: Sequence[str]):
-        self.paths = list(paths)
-        for p in self.paths:
-            if not os.path.isfile(p):
+        for p in paths:
+            if not storage.isfile(p):
                 raise DataError(f"data file not found: {p}")
+        self.paths = [storage.local_copy(p) for p in paths]
 
     def __len__(self):
         return len(self.paths)
@@ -82,7 +81,7 @@ class ArrayRecordSource(grain.sources.RandomAccessDataSource):
     """ArrayRecord files whose records are JSON objects with `text_field`, or raw UTF-8 text."""
 
     def __init__(self, paths: Sequence[str], text_field: str = "text"):
-        self.inner = grain.sources.ArrayRecordDataSource(list(paths))
+        self.inner = grain.sources.ArrayRecordDataSource([storage.local_copy(p) for p in paths])
         self.text_field = text_field
 
     def __len__(self):
@@ -103,14 +102,15 @@ class ArrayRecordSource(grain.sources.RandomAccessDataSource):
 
 
 def open_source(spec: str | Sequence[str], text_field: str = "text", on_missing: str = "error"):
-    """A source from a path or glob: *.jsonl, *.txt (or a folder of them), *.array_record*."""
+    """A source from a path or glob (local or gs://): *.jsonl, *.txt (or a folder of them), *.array_record*.
+    Remote files are copied to a local cache once (storage.local_copy), then read like local ones."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     paths = []
     for s in specs:
-        if os.path.isdir(s):
-            paths += sorted(glob.glob(os.path.join(s, "*.txt")) + glob.glob(os.path.join(s, "*.jsonl")))
+        if storage.isdir(s):
+            paths += storage.glob(storage.join(s, "*.txt")) + storage.glob(storage.join(s, "*.jsonl"))
         else:
-            matched = sorted(glob.glob(s))
+            matched = storage.glob(s)
             if not matched:
                 raise DataError(f"data source {s!r} matches no file")
             paths += matched

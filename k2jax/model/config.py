@@ -274,13 +274,14 @@ def from_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any], *, ignor
     if isinstance(path_or_dict, Mapping):
         raw, where = dict(path_or_dict), "config dict"
     else:
+        from k2jax import storage
+
         path = os.fspath(path_or_dict)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
+        if storage.isdir(path):
+            path = storage.join(path, "config.json")
+        if not storage.isfile(path):
             raise ConfigError(f"no config.json at {path}")
-        with open(path) as f:
-            raw, where = json.load(f), path
+        raw, where = json.loads(storage.read_text(path)), path
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"{where}: config field 'model_type': expected one of {SUPPORTED_MODEL_TYPES}, "

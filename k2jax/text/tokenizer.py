@@ -9,6 +9,7 @@ from typing import Collection, Iterator, Literal
 
 import tiktoken
 
+from k2jax import storage
 from k2jax.errors import TokenizerError
 
 NUM_SPECIAL = 256
@@ -54,11 +55,11 @@ MAX_RUN_CHARS = 25_000
 
 def read_ranks(path: str) -> dict[bytes, int]:
     """Parses a `tiktoken.model` file (`<base64 bytes> <rank>` per line); errors name the line number."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise TokenizerError(f"tokenizer file not found: {path}")
     ranks: dict[bytes, int] = {}
     seen: dict[int, int] = {}
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -8,26 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import signal
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from flax import nnx
 
+from k2jax import storage
 from k2jax.ckpt import orbax as ckpt
 from k2jax.data.pipeline import global_batch, make_dataset, open_source
-from k2jax.errors import ConfigError
+from k2jax.errors import ConfigError, TrainingError
 from k2jax.hardware import peak_flops_per_device
 from k2jax.model.config import Execution, K2Config
 from k2jax.model.init import param_count
-from k2jax.model.params import RouterBias
 from k2jax.train.metrics import MetricsWriter
 from k2jax.train.optim import OptimConfig
-from k2jax.train.step import LossConfig, Trainer, TrainState, analytic_train_flops
+from k2jax.train.resume import start_state, train_save_args
+from k2jax.train.step import LossConfig, Trainer, analytic_train_flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +54,7 @@ class RunConfig:
     eval_data: str = ""  # held-out data of the same format, evaluated every eval_every steps
     eval_every: int = 0
     init_from: str = ""  # a k2jax checkpoint or an HF folder whose weights start the run (not its optimizer)
+    max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
 
     def __post_init__(self):
         """Flag combinations that would otherwise be ignored silently, refused naming the flag."""
@@ -63,6 +62,8 @@ class RunConfig:
             raise ConfigError(f"--data_format: expected 'text' or 'chat', got {self.data_format!r}")
         if self.data_format == "chat" and not self.data:
             raise ConfigError("--data_format=chat needs --data=FILE.jsonl (the embedded corpus is plain text)")
+        if self.max_bad_steps < 1:
+            raise ConfigError(f"--max_bad_steps={self.max_bad_steps}: must be at least 1")
         if bool(self.eval_data) != (self.eval_every > 0):
             raise ConfigError("--eval_data and --eval_every go together: held-out data and how often to evaluate "
                               f"on it (got --eval_data={self.eval_data!r}, --eval_every={self.eval_every})")
@@ -113,39 +114,12 @@ def eval_batches(run: RunConfig, config: K2Config, trainer: Trainer, log) -> lis
     return out
 
 
-def architecture_of(path: str) -> K2Config:
-    """The architecture of an HF folder (config.json) or a k2jax checkpoint, read before any weight."""
-    from k2jax.model.config import from_hf_config
-
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return from_hf_config(path)
-    return ckpt.read_config(ckpt.resolve_step_dir(path))[0]
-
-
-def load_weights(path: str, trainer: Trainer):
-    """The model state of an HF folder (bf16, fp32 or the FP8 release) or a k2jax checkpoint, each array read
-    shard by shard straight into the trainer's shardings and dtypes."""
-    p = trainer.placement
-    if os.path.isfile(os.path.join(path, "config.json")):
-        from k2jax.ckpt.hf import load_hf_state
-
-        return load_hf_state(path, trainer.config, p.abstract, p.shardings)
-    step_dir = ckpt.resolve_step_dir(path)
-    ckpt.check_shapes(step_dir, p.abstract)
-    return ckpt.restore_model_state(step_dir, p.abstract, p.shardings)
-
-
-def start_state(trainer: Trainer, mgr: ocp.CheckpointManager, run: RunConfig, log):
-    """(train state, data-iterator state or None, first step): the latest checkpoint's, or a fresh start."""
-    latest = mgr.latest_step()
-    if latest is None and run.init_from:
-        log(f"initialised from {run.init_from} (fresh optimizer state, step 0)")
-        return trainer.init_state(model_state=load_weights(run.init_from, trainer)), None, 0
-    if latest is None:
-        return trainer.init_state(run.seed), None, 0
-    state, data_state = restore_train_state(mgr, latest, trainer)
-    log(f"resumed from {os.path.join(run.workdir, str(latest))} at step {int(state.step)}")
-    return state, data_state, int(state.step)
+def check_paths(run: RunConfig) -> None:
+    """Every bucket the run names answers, before anything is read, compiled or written (errors name the flag)."""
+    for flag, path in (("--workdir", run.workdir), ("--init_from", run.init_from), ("--data", run.data),
+                       ("--eval_data", run.eval_data), ("--tokenizer", run.tokenizer)):
+        if path:
+            storage.check_reachable(path, flag)
 
 
 def compile_step(trainer: Trainer, state, batch, config: K2Config, run: RunConfig, log) -> float:
@@ -176,20 +150,53 @@ def compile_step(trainer: Trainer, state, batch, config: K2Config, run: RunConfi
 
 class StepLog:
     """Logs a step's metrics one step late: `push(step, device metrics)` fetches the previous step's, which the
-    device has finished by then, so the host never blocks on the step it just dispatched."""
+    device has finished by then, so the host never blocks on the step it just dispatched.
 
-    def __init__(self, run: RunConfig, flops_per_step: float, start: int, writer: MetricsWriter, log):
+    Every step's `step_ok` flag is fetched the same way: a step the device did not apply (its loss or gradients
+    were not finite) is logged with the first parameter whose gradient was not finite, and counted in `bad_run`
+    (steps in a row) and `bad_total`; `last_good` is the newest applied step."""
+
+    def __init__(self, run: RunConfig, flops_per_step: float, start: int, writer: MetricsWriter, log,
+                 param_names: list[str] | None = None):
         self.run, self.flops, self.writer, self.log = run, flops_per_step, writer, log
+        self.param_names = param_names or []
         self.peak, peak_src = peak_flops_per_device()
         log(f"peak {self.peak:.3e} FLOP/s per device ({peak_src})")
-        self.pending, self.last, self.last_eval = None, {}, {}
+        self.pending, self.unchecked, self.last, self.last_eval = None, None, {}, {}
         self.t_last, self.step_last = time.perf_counter(), start
+        self.last_good, self.bad_run, self.bad_total = start, [], 0
+        self.stop_requested = False
 
-    def push(self, step: int, metrics, force: bool = False):
-        """Records step `step`'s (device) metrics; writes the previous logged step's."""
+    def push(self, step: int, metrics):
+        """Records step `step`'s (device) metrics; checks the previous step and writes it if it was logged."""
+        self.check()
         self.flush()
-        if step % self.run.log_every == 0 or step == self.run.steps or force:
-            self.pending = (step, metrics)
+        self.unchecked = (step, metrics["step_ok"], metrics["first_nonfinite_grad"], metrics["stop_requested"])
+        if step % self.run.log_every == 0 or step == self.run.steps or self.stop_requested:
+            self.pending = (step, metrics)  # the step a stop is seen at is logged too
+
+    def check(self):
+        """Fetches the unchecked step's ok flag (blocks until that step is done) and records a bad step."""
+        if self.unchecked is None:
+            return
+        step, ok, first, stop = jax.device_get(self.unchecked)
+        self.unchecked = None
+        self.stop_requested = self.stop_requested or bool(stop)
+        if ok:
+            self.last_good, self.bad_run = step, []
+            return
+        name = self.param_names[int(first)] if 0 <= int(first) < len(self.param_names) else "none (the loss)"
+        self.bad_run.append((step, name))
+        self.bad_total += 1
+        self.log(f"step {step:6d}  loss or gradient not finite (first non-finite gradient: {name}): step not "
+                 f"applied, the state stays at step {self.last_good} ({len(self.bad_run)} in a row, "
+                 f"{self.bad_total} in all)")
+
+    def settle(self) -> bool:
+        """Checks and writes everything dispatched so far; whether the newest step was applied."""
+        self.check()
+        self.flush()
+        return not self.bad_run
 
     def evaluate(self, step: int, run_eval):
         """Runs `run_eval()` (held-out metrics as host floats) after the pending step is logged, writes and prints
@@ -208,11 +215,12 @@ class StepLog:
             return
         step, metrics = self.pending
         self.pending = None
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        flags = ("step_ok", "first_nonfinite_grad", "stop_requested")  # read by `check`, not logged
+        m = {k: float(v) for k, v in jax.device_get({k: v for k, v in metrics.items() if k not in flags}).items()}
         now = time.perf_counter()
         dt = (now - self.t_last) / max(step - self.step_last, 1)
         tokens = self.run.batch * self.run.seq
-        m.update(step=step, step_time_s=dt, tokens_per_s=tokens / dt,
+        m.update(step=step, step_time_s=dt, tokens_per_s=tokens / dt, bad_steps=float(self.bad_total),
                  mfu=self.flops / dt / (self.peak * jax.device_count()))
         self.t_last, self.step_last, self.last = now, step, m
         self.writer.write(step, {k: v for k, v in m.items() if k != "step"})
@@ -224,53 +232,94 @@ class StepLog:
 
 def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print,
           execution: Execution | None = None) -> dict:
-    """Trains (or resumes) in run.workdir until run.steps; returns the last logged metrics."""
+    """Trains (or resumes) in run.workdir until run.steps; returns the last logged metrics.
+
+    Checkpoints are written only from applied steps: a save that falls on a step the device did not apply is
+    skipped, and a run stopped (SIGTERM, or `max_bad_steps` non-finite steps in a row) saves its last good step."""
     pid, nproc = jax.process_index(), jax.process_count()
     if run.batch % nproc:
         raise ConfigError(f"--batch={run.batch} must be divisible by the {nproc} processes")
+    check_paths(run)
     source, tok_path = open_data(run, config, log)
     trainer = Trainer(config, optim, mesh, loss=LossConfig(z_loss=run.z_loss), microbatches=run.microbatches,
                       execution=execution)
-    mgr = ckpt.manager(run.workdir, max_to_keep=run.keep, save_interval_steps=run.save_every,
-                       async_save=run.async_save)
+    mgr = ckpt.manager(run.workdir, max_to_keep=run.keep, save_interval_steps=1, async_save=run.async_save)
     state, data_state, step = start_state(trainer, mgr, run, log)
     it = iter(make_dataset(source, tok_path, seq_len=run.seq, batch_size=run.batch // nproc, seed=run.seed,
                            process_index=pid, process_count=nproc, worker_count=run.data_workers))
     if data_state is not None:
         it.set_state(data_state)
-    batch = global_batch(next(it), mesh, trainer.rules)
+    stop = {"sigterm": False}
+
+    def next_batch():
+        """The next global batch, carrying this process's SIGTERM flag in every row: the step reduces it over all
+        processes, so every process learns of a stop at the same step and they save and exit together."""
+        local = next(it)
+        local["stop"] = np.full((len(local["tokens"]), 1), stop["sigterm"], np.int32)
+        return global_batch(local, mesh, trainer.rules)
+
+    batch = next_batch()
     flops = compile_step(trainer, state, batch, config, run, log)
     writer = MetricsWriter(run.workdir, enabled=pid == 0)
-    steps = StepLog(run, flops, step, writer, log)
+    steps = StepLog(run, flops, step, writer, log, trainer.param_names())
     held_out = eval_batches(run, config, trainer, log) if run.eval_data else None
     if held_out is not None and step == 0:  # where the held-out loss starts from
         steps.evaluate(step, lambda: trainer.evaluate(state, held_out))
-    stop = {"sigterm": False}
+    saved = {"step": mgr.latest_step() or step}
+    data_after = {step: data_state}  # data-iterator state after each recent step, to save the last good one
+
+    def save(at: int, force: bool):
+        """Saves step `at` if it was applied; otherwise the last good step (once), labelled as such."""
+        if saved.get("tried") == at:
+            return
+        saved["tried"] = at
+        good = steps.settle()
+        label = at if good else steps.last_good
+        if label <= saved["step"] or label not in data_after:
+            if not good:
+                log(f"step {at}: not saved (not applied; newest checkpoint: step {saved['step']})")
+            return
+        out = state if good else dataclasses.replace(state, step=jnp.asarray(label, jnp.int32))
+        mgr.save(label, args=train_save_args(trainer, out, data_after[label]), force=force)
+        saved["step"] = label
+        if not good:
+            log(f"saved step {label}, the last good step (step {at} was not applied)")
+
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
     try:
         while step < run.steps:
             state, metrics = trainer.step(state, batch)
             step += 1
-            steps.push(step, metrics, force=stop["sigterm"])
+            data_after[step] = it.get_state()
+            for old in [k for k in data_after if k < step - run.max_bad_steps - 2]:
+                del data_after[old]
+            steps.push(step, metrics)
             if held_out is not None and (step % run.eval_every == 0 or step == run.steps):
                 steps.evaluate(step, lambda: trainer.evaluate(state, held_out))
-            if step % run.save_every == 0 or step == run.steps or stop["sigterm"]:
-                steps.flush()  # a save waits for the step anyway; its time is not the step's
-                mgr.save(step, args=train_save_args(trainer, state, it.get_state()),
-                         force=stop["sigterm"] or step == run.steps)
-            if stop["sigterm"]:
-                steps.flush()
-                log(f"SIGTERM: saved step {step}, exiting")
+            if step % run.save_every == 0 or step == run.steps or steps.stop_requested:
+                save(step, force=steps.stop_requested or step == run.steps)
+            if len(steps.bad_run) >= run.max_bad_steps:
+                steps.settle()
+                save(step, force=True)
+                first_step, first_name = steps.bad_run[0]
+                raise TrainingError(
+                    f"stopped at step {step}: {len(steps.bad_run)} steps in a row (--max_bad_steps="
+                    f"{run.max_bad_steps}) had a non-finite loss or gradient, from step {first_step} on; the "
+                    f"first non-finite gradient was {first_name}. The newest checkpoint is step {saved['step']}, "
+                    "the last good step; lower the learning rate (or check the data) and resume.")
+            if steps.stop_requested:
+                log(f"SIGTERM: saved step {saved['step']}, exiting")
                 break
             if step < run.steps:
-                batch = global_batch(next(it), mesh, trainer.rules)
-        steps.flush()
+                batch = next_batch()
+        steps.settle()
     finally:
         mgr.wait_until_finished()
         mgr.close()
         writer.close()
         signal.signal(signal.SIGTERM, previous)
-    return {**steps.last, **steps.last_eval, "preempted": stop["sigterm"], "final_step": step}
+    return {**steps.last, **steps.last_eval, "preempted": steps.stop_requested or stop["sigterm"], "final_step": step,
+            "bad_steps": steps.bad_total, "last_good_step": steps.last_good}
 
 
 @contextlib.contextmanager
@@ -287,46 +336,3 @@ def _cache_hits():
         yield saved
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-
-
-def train_save_args(trainer: Trainer, state, data_state) -> ocp.args.Composite:
-    """The Orbax items of a training checkpoint: model, config, optimizer state, step and data-iterator state."""
-    train = {"step": int(state.step), "data": _jsonable(data_state)}
-    return ckpt.save_args(trainer.model_state(state), trainer.config, trainer.execution.param_dtype,
-                          state.opt_state, train)
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, bytes):
-        return {"__bytes__": x.hex()}
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
-
-
-def _from_jsonable(x):
-    if isinstance(x, dict):
-        if set(x) == {"__bytes__"}:
-            return bytes.fromhex(x["__bytes__"])
-        return {k: _from_jsonable(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_from_jsonable(v) for v in x]
-    return x
-
-
-def restore_train_state(mgr: ocp.CheckpointManager, step: int, trainer: Trainer):
-    """(TrainState, data-iterator state) of a saved step, every array restored into the trainer's shardings."""
-    abstract = trainer.abstract_state()
-    model_abs = nnx.state(nnx.merge(trainer.graphdef, abstract.params, abstract.bias))
-    restored = mgr.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(nnx.to_pure_dict(model_abs)),
-        opt_state=ocp.args.StandardRestore(abstract.opt_state), train=ocp.args.JsonRestore()))
-    model_state = jax.tree.map(lambda x: x, model_abs)
-    nnx.replace_by_pure_dict(model_state, restored.model)
-    _, params, bias = nnx.split(nnx.merge(trainer.graphdef, model_state), nnx.Param, RouterBias)
-    step = jax.device_put(jnp.asarray(restored.train["step"], jnp.int32), trainer.replicated)
-    return TrainState(params, bias, restored.opt_state, step), _from_jsonable(restored.train.get("data"))

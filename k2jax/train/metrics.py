@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
 import struct
 import time
+
+from k2jax import storage
 
 
 def _crc32c_table():
@@ -67,16 +70,25 @@ def _scalar_summary(tag: str, value: float) -> bytes:
 
 
 class MetricsWriter:
-    """Appends one JSON line per logged step to metrics.jsonl and scalars to a TensorBoard event file."""
+    """Appends one JSON line per logged step to metrics.jsonl and scalars to a TensorBoard event file.
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    On an object store (gs://...), which has no append, both files are kept in memory and uploaded whole at
+    most every `upload_every_s` seconds and at close (as TensorFlow's GCS writer does on flush)."""
+
+    def __init__(self, workdir: str, enabled: bool = True, upload_every_s: float = 30.0):
         self.enabled = enabled
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.remote, self.upload_every_s, self.uploaded = storage.is_url(workdir), upload_every_s, 0.0
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self.events = open(os.path.join(workdir, name), "ab")
+        self.jsonl_path, self.events_path = storage.join(workdir, "metrics.jsonl"), storage.join(workdir, name)
+        if self.remote:
+            old = storage.read_bytes(self.jsonl_path) if storage.exists(self.jsonl_path) else b""
+            self.jsonl, self.events = io.BytesIO(old), io.BytesIO()
+            self.jsonl.seek(0, io.SEEK_END)
+        else:
+            os.makedirs(workdir, exist_ok=True)
+            self.jsonl, self.events = open(self.jsonl_path, "ab"), open(self.events_path, "ab")
         self._write_record(_event(time.time(), 0, file_version="brain.Event:2"))
 
     def _write_record(self, data: bytes):
@@ -86,15 +98,24 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict):
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        self.jsonl.write((json.dumps({"step": step, **metrics}) + "\n").encode())
         now = time.time()
         for k, v in metrics.items():
             if isinstance(v, (int, float)):
                 self._write_record(_event(now, step, summary=_scalar_summary(k, float(v))))
-        self.events.flush()
+        self._flush(force=False)
+
+    def _flush(self, force: bool):
+        if not self.remote:
+            self.jsonl.flush()
+            self.events.flush()
+        elif force or time.monotonic() - self.uploaded >= self.upload_every_s:
+            storage.write_bytes(self.jsonl_path, self.jsonl.getvalue())
+            storage.write_bytes(self.events_path, self.events.getvalue())
+            self.uploaded = time.monotonic()
 
     def close(self):
         if self.enabled:
+            self._flush(force=True)
             self.jsonl.close()
             self.events.close()

@@ -140,6 +140,9 @@ class Trainer:
         c, o = self.config, self.optim
         loss, grads, aux = self._grads(state.params, state.bias, batch)
         grad_norm = optax.tree.norm(grads)
+        # a step whose loss or gradients are not finite is not applied: the state keeps the last good values
+        finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        ok = jnp.isfinite(loss) & jnp.isfinite(aux["ce_sum"]) & jnp.all(finite)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if o.optimizer == "muonclip":
@@ -154,7 +157,20 @@ class Trainer:
             imbalance = [load.max(-1) / jnp.maximum(load.mean(-1), 1e-9) for load in aux["expert_load"].values()]
             metrics["expert_load_imbalance"] = jnp.max(jnp.stack([i.max() for i in imbalance]))
             metrics["balance_loss"] = aux["balance_sum"] / aux["sequences"]
-        return TrainState(params, bias, opt_state, state.step + 1), metrics
+        metrics["step_ok"] = ok
+        # any process's stop request (SIGTERM), reduced over the whole batch so that all processes agree
+        metrics["stop_requested"] = jnp.max(batch["stop"]) > 0 if "stop" in batch else jnp.asarray(False)
+        metrics["first_nonfinite_grad"] = jnp.where(jnp.all(finite), -1, jnp.argmin(finite))
+        new = TrainState(params, bias, opt_state, state.step + 1)
+        keep = TrainState(state.params, state.bias, state.opt_state, state.step + 1)
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, keep), metrics
+
+    def param_names(self) -> list[str]:
+        """'path (optimizer group)' of each parameter, in the order of the step's `first_nonfinite_grad`."""
+        from k2jax.model.params import spec_of
+
+        flat = jax.tree_util.tree_flatten_with_path(self.abstract_params)[0]
+        return [f"{'/'.join(state_path(kp))} ({spec_of(state_path(kp)).group})" for kp, _ in flat]
 
     @functools.cached_property
     def jit_step(self):
