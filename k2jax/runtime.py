@@ -21,6 +21,17 @@ def _accelerator_present() -> bool:
     return any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0", "/dev/nvidia0", "/dev/nvidiactl"))
 
 
+def quiet_platforms(environ=os.environ) -> bool:
+    """On a host with no accelerator device, restricts JAX to the CPU (JAX_PLATFORMS=cpu) unless the user chose
+    platforms: an installed libtpu (the test extras bring it for AOT compilation) otherwise probes for a TPU and
+    prints its initialisation errors ("Failed to find host bounds...", "TPU_WORKER_HOSTNAMES") before every
+    command's own output. Returns whether it did. AOT compilation for TPU topologies is unaffected."""
+    if "JAX_PLATFORMS" in environ or _accelerator_present():
+        return False
+    environ["JAX_PLATFORMS"] = "cpu"
+    return True
+
+
 def host_malloc_env(environ, *, accelerator: bool | None = None, libc: str | None = None) -> dict | None:
     """The environment to re-exec a CPU run with, or None: already set, opted out, user-set malloc variables,
     not glibc, or an accelerator host (JAX_PLATFORMS=cpu counts as CPU)."""

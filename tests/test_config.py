@@ -56,7 +56,6 @@ def test_hf_round_trip():
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"num_nextn_predict_layers": 1}, "num_nextn_predict_layers"),
     ({"model_type": "llama"}, "model_type"),
     ({"scoring_func": "softmax"}, "scoring_func"),
     ({"n_group": 5}, "n_group"),
@@ -68,9 +67,13 @@ def test_hf_config_rejections_name_the_field(change, field):
         from_hf_config({**OFFICIAL, **change})
 
 
-def test_mtp_can_be_dropped_explicitly():
-    c = from_hf_config({**OFFICIAL, "num_nextn_predict_layers": 1}, ignore_mtp=True)
+def test_mtp_layers_are_not_part_of_the_config():
+    c = from_hf_config({**OFFICIAL, "num_nextn_predict_layers": 1})
     assert c.num_nextn_predict_layers == 0
+    from k2jax.model.config import mtp_prefixes
+
+    assert mtp_prefixes({**OFFICIAL, "num_nextn_predict_layers": 1}) == ("model.layers.61.",)
+    assert mtp_prefixes(OFFICIAL) == ()
 
 
 def test_override_type_checks_and_unknown_keys():

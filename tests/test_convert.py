@@ -225,3 +225,40 @@ def test_checkpoints_of_the_earlier_layout_still_load(tmp_path, hf_tiny, tokens_
     old = k2jax.load(str(tmp_path))
     assert old.config == model.config and (old.execution.param_dtype, old.execution.dtype) == ("float32", "float32")
     np.testing.assert_array_equal(np.asarray(old.logits(tokens_2x64)), np.asarray(model.logits(tokens_2x64)))
+
+
+def test_folders_saved_by_transformers_load_and_mtp_tensors_are_dropped(hf_tiny, tmp_path, tokens_2x64, capfd):
+    """transformers' DeepseekV3Config declares one MTP layer by default and save_pretrained writes none of its
+    tensors: such a folder loads as it is. With MTP tensors present (DeepSeek-V3's release) they are dropped with a
+    one-line notice naming how many, and the model is unchanged."""
+    import shutil
+
+    from k2jax.ckpt.safetensors import SafetensorsFolder, write_safetensors
+
+    folder = tmp_path / "saved"
+    shutil.copytree(hf_tiny[0], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(cfg))
+    want = np.asarray(k2jax.load_hf(hf_tiny[0]).logits(tokens_2x64[:1, :16]))
+    capfd.readouterr()
+    got = np.asarray(k2jax.load_hf(str(folder)).logits(tokens_2x64[:1, :16]))
+    np.testing.assert_array_equal(got, want)
+    assert "multi-token-prediction" not in capfd.readouterr().err  # nothing to drop, nothing said
+
+    layer = cfg["num_hidden_layers"]
+    mtp = {f"model.layers.{layer}.eh_proj.weight": np.ones((4, 8), np.float32),
+           f"model.layers.{layer}.enorm.weight": np.ones((8,), np.float32)}
+    write_safetensors(str(folder / "mtp.safetensors"), mtp)
+    names = SafetensorsFolder(str(folder)).names()
+    index = {"metadata": {}, "weight_map": {**{n: "model.safetensors" for n in names},
+                                            **{n: "mtp.safetensors" for n in mtp}}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    got = np.asarray(k2jax.load_hf(str(folder)).logits(tokens_2x64[:1, :16]))
+    np.testing.assert_array_equal(got, want)
+    err = capfd.readouterr().err
+    assert f"dropped 2 multi-token-prediction tensors (model.layers.{layer}.*)" in err, err
+    cfg["num_nextn_predict_layers"] = 0  # a tensor of a layer the config does not declare is still refused
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(k2jax.CheckpointError, match=f"unknown tensor names.*model.layers.{layer}.eh_proj"):
+        k2jax.load_hf(str(folder))

@@ -17,6 +17,22 @@ def one_device(hf_tiny):
     return k2jax.load_hf(hf_tiny[0])
 
 
+def test_latent_norms_use_the_fixed_epsilon_not_rms_norm_eps(tiny_config, tmp_path, tokens_2x64, monkeypatch):
+    """With a large rms_norm_eps the q_a / kv_a norms (fixed 1e-6 in the official code and HF) must not follow it;
+    the mutation (following it) must move the logits past the tolerance."""
+    from k2jax.model.layers import attention
+    from k2jax.testing.reference import build_hf_model
+
+    config = tiny_config.replace(rms_norm_eps=0.5, num_hidden_layers=2)
+    torch_model = build_hf_model(config, str(tmp_path), seed=3)
+    ref = hf_logits(torch_model, tokens_2x64[:1, :16])
+    out = np.asarray(k2jax.load_hf(str(tmp_path)).logits(tokens_2x64[:1, :16]))
+    assert np.abs(out - ref).max() <= 1e-4
+    monkeypatch.setattr(attention, "LATENT_NORM_EPS", config.rms_norm_eps)
+    wrong = np.asarray(k2jax.load_hf(str(tmp_path)).logits(tokens_2x64[:1, :16]))
+    assert np.abs(wrong - ref).max() > 1e-3, np.abs(wrong - ref).max()
+
+
 @pytest.mark.parametrize("which", ["hf_tiny", "hf_grouped"])
 def test_logits_match_transformers(which, request, tokens_2x64):
     folder, torch_model = request.getfixturevalue(which)

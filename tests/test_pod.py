@@ -139,15 +139,8 @@ def test_simulated_pod_trains_on_gcs_stops_with_a_checkpoint_and_resumes(gcs, gs
     read back by k2jax.load and k2jax-generate from gs://."""
     from k2jax import storage
 
-    steps = 40
-    flags = [*TRAIN, *gs_inputs, f"--steps={steps}", "--save_every=10", "--workdir=gs://bkt/pod-run"]
-    # the same run without a stop: two processes x 4 devices through --coordinator_address, local workdir
-    coordinator = f"127.0.0.1:{_free_port()}"
-    reference = [subprocess.Popen([sys.executable, "-m", "k2jax.cli.train", *TRAIN, *gs_inputs, f"--steps={steps}",
-                                   "--save_every=100", f"--workdir={tmp_path / 'straight'}",
-                                   f"--coordinator_address={coordinator}", "--num_processes=2", f"--process_id={i}"],
-                                  env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for i in range(2)]
+    steps = 20
+    flags = [*TRAIN, *gs_inputs, f"--steps={steps}", "--save_every=5", "--workdir=gs://bkt/pod-run"]
     pod = Pod(tmp_path / "pod", "sft")
 
     r = pod("copy")
@@ -177,6 +170,18 @@ def test_simulated_pod_trains_on_gcs_stops_with_a_checkpoint_and_resumes(gcs, gs
     assert stopped_at < steps, "the run ended before it was stopped: the test did not exercise a resume"
     assert storage.exists(f"gs://bkt/pod-run/{stopped_at}/_CHECKPOINT_METADATA")
 
+    # the same run without a stop: two processes x 4 devices through --coordinator_address, a local workdir, the
+    # train step from the pod's compilation cache in the bucket
+    port = _free_port()
+    while str(port) == pod.env["K2JAX_COORDINATOR_PORT"]:  # the pod's coordinator is about to bind its port again
+        port = _free_port()
+    logs = [open(tmp_path / f"straight{i}.log", "w") for i in range(2)]
+    reference = [subprocess.Popen([sys.executable, "-m", "k2jax.cli.train", *TRAIN, *gs_inputs, f"--steps={steps}",
+                                   "--save_every=100", f"--workdir={tmp_path / 'straight'}",
+                                   "--compilation_cache_dir=gs://bkt/pod-run/compile_cache",
+                                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+                                  env=_env(4), stdout=logs[i], stderr=subprocess.STDOUT)
+                 for i in range(2)]
     r = pod("start", "--check-after=3", train=flags)
     assert r.returncode == 0, r.stdout + r.stderr
     out = pod.wait(lambda out: out.count("exited with status") == 2, "the resumed run to finish")
@@ -186,9 +191,10 @@ def test_simulated_pod_trains_on_gcs_stops_with_a_checkpoint_and_resumes(gcs, gs
     assert "loaded from the compilation cache gs://bkt/pod-run/compile_cache" in log0, log0
     assert "2 process(es)" in log0
 
-    for p in reference:
-        ref_out = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, ref_out
+    for p, log in zip(reference, logs):
+        p.wait(timeout=600)
+        log.close()
+        assert p.returncode == 0, open(log.name).read()
     straight = _losses(open(tmp_path / "straight" / "metrics.jsonl").read())
     stopped = _losses(storage.read_text("gs://bkt/pod-run/metrics.jsonl"))
     assert sorted(straight) == sorted(stopped) == list(range(1, steps + 1))

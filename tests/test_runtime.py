@@ -31,3 +31,28 @@ def test_reexec_keeps_argv_and_sets_the_environment():
     out = subprocess.run([sys.executable, "-c", code, "x"], env=env, capture_output=True, text=True,
                          check=True).stdout.split("\n")[0]
     assert out == "None None ['x']", out
+
+
+def test_commands_on_a_host_without_tpu_do_not_print_libtpu_errors():
+    """The installed k2jax-forward, with no JAX_PLATFORMS set, prints none of libtpu's initialisation errors on
+    this accelerator-less host; the positive control (plain JAX in the same environment) shows they would appear."""
+    import shutil
+
+    from k2jax.runtime import _accelerator_present, quiet_platforms
+
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    noise = ("Failed to find host bounds", "TPU_WORKER_HOSTNAMES")
+    control = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert not _accelerator_present()
+    assert any(n in control.stderr for n in noise), control.stderr  # libtpu is installed and would speak
+    exe = shutil.which("k2jax-forward")
+    assert exe, "k2jax-forward is a console script of the package"
+    r = subprocess.run([exe, "--batch=1", "--seq=8", "--repeats=1"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "tokens/s" in r.stdout and not any(n in r.stderr for n in noise), r.stderr
+    chosen = {"JAX_PLATFORMS": "tpu"}  # a user's choice is kept
+    assert not quiet_platforms(chosen) and chosen == {"JAX_PLATFORMS": "tpu"}
+    empty = {}
+    assert quiet_platforms(empty) and empty == {"JAX_PLATFORMS": "cpu"}

@@ -1,7 +1,7 @@
 """K2 tokenizer: pattern rewrite, special tokens at official ids, round trips, long inputs, chat format."""
 
 import base64
-import time
+import re
 
 import numpy as np
 import pytest
@@ -87,12 +87,34 @@ def test_special_text_is_plain_unless_allowed(small_tokenizer):
         small_tokenizer.bos_id, small_tokenizer.eos_id]
 
 
-def test_long_inputs_are_encoded_in_bounded_pieces(small_tokenizer):
+def _longest_run(piece: str) -> int:
+    """The longest run of whitespace or of non-whitespace characters: what BPE must merge as one pre-token."""
+    return max((len(m) for m in re.findall(r"\s+|\S+", piece)), default=0)
+
+
+def test_long_inputs_are_encoded_in_bounded_pieces(small_tokenizer, monkeypatch):
+    """BPE's cost grows with the square of a pre-token's length, so no piece handed to tiktoken may hold a run
+    longer than MAX_RUN_CHARS or more than MAX_ENCODE_CHARS characters (a bound, not a wall-clock time: a loaded
+    machine cannot make it fail). Positive control: without the run splitting, the check flags the input."""
+    import k2jax.text.tokenizer as tk
+
     text = ("word " * 300_000) + ("x" * 600_000) + (" " * 100_000) + "end"
-    t0 = time.perf_counter()
+    pieces = []
+    real = small_tokenizer.encoding.encode
+
+    def recording(piece, **kw):
+        pieces.append(piece)
+        return real(piece, **kw)
+
+    monkeypatch.setattr(small_tokenizer.encoding, "encode", recording)
     ids = small_tokenizer.encode(text)
-    assert time.perf_counter() - t0 < 30
-    assert small_tokenizer.decode(ids) == text
+    assert "".join(pieces) == text and small_tokenizer.decode(ids) == text
+    assert max(len(p) for p in pieces) <= tk.MAX_ENCODE_CHARS
+    assert max(_longest_run(p) for p in pieces) <= tk.MAX_RUN_CHARS
+    pieces.clear()
+    monkeypatch.setattr(tk, "MAX_RUN_CHARS", 10**9)  # the control: one run of 400k 'x' reaches BPE whole
+    small_tokenizer.encode("x" * 100_000)
+    assert max(_longest_run(p) for p in pieces) == 100_000
 
 
 def test_bad_files_and_vocab(tmp_path, small_tokenizer):
@@ -158,3 +180,12 @@ def test_parse_tool_calls():
     assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
     assert calls[0]["id"] == "functions.get_weather:0" and calls[0]["function"]["arguments"] == '{"city": "Paris"}'
     assert parse_tool_calls("plain answer<|im_end|>") == ("plain answer", [])
+    # a dotted name keeps everything after `functions.`; an id not of the form functions.NAME:INDEX is plain text
+    dotted = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.db.query:3<|tool_call_argument_begin|>{}"
+              "<|tool_call_end|><|tool_calls_section_end|>")
+    assert parse_tool_calls(dotted)[1][0]["function"]["name"] == "db.query"
+    bad = ("ok<|tool_calls_section_begin|><|tool_call_begin|>get_weather<|tool_call_argument_begin|>{}"
+           "<|tool_call_end|><|tool_call_begin|>functions.x:y<|tool_call_argument_begin|>{}<|tool_call_end|>"
+           "<|tool_calls_section_end|>")
+    content, calls = parse_tool_calls(bad)
+    assert calls == [] and content.startswith("ok") and "get_weather" in content and "functions.x:y" in content

@@ -30,7 +30,7 @@ from k2jax.ckpt.hf import FP8_BLOCK, HFSource, TensorMap, tensor_maps
 from k2jax.ckpt.orbax import config_to_json, read_config, resolve_step_dir
 from k2jax.ckpt.safetensors import SafetensorsFolder, write_safetensors
 from k2jax.errors import CheckpointError
-from k2jax.model.config import PARAM_DTYPES, Execution, K2Config, from_hf_config, to_hf_config
+from k2jax.model.config import PARAM_DTYPES, Execution, K2Config, from_hf_config, mtp_prefixes, to_hf_config
 from k2jax.model.init import abstract_model
 from k2jax.model.layers.common import dtype_of
 from k2jax.model.params import spec_of
@@ -90,17 +90,16 @@ def _digest(a: np.ndarray) -> str:
 
 
 def import_hf(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", workers: int = 4, verify: bool = False,
-              ignore_mtp: bool = False, quiet: bool = False, chunk_bytes: int = CHUNK_BYTES) -> str:
+              quiet: bool = False, chunk_bytes: int = CHUNK_BYTES) -> str:
     """Converts an HF folder into `<output_dir>/0` (a k2jax checkpoint); returns that step directory.
 
     Units over `chunk_bytes` are written in strips of at most that size (when their shape allows)."""
     if dtype not in PARAM_DTYPES:
         raise CheckpointError(f"--dtype: expected one of {list(PARAM_DTYPES)}, got {dtype!r}")
-    config = from_hf_config(hf_dir, ignore_mtp=ignore_mtp)
+    config = from_hf_config(hf_dir)
     _, abstract = abstract_model(config, execution=Execution(param_dtype=dtype, dtype=dtype))
     maps = tensor_maps(config, abstract)
-    extra = (f"model.layers.{config.num_hidden_layers}.",) if ignore_mtp else ()
-    source = HFSource(SafetensorsFolder(hf_dir), maps, allow_extra=extra)  # validates names, shapes, dtypes
+    source = HFSource(SafetensorsFolder(hf_dir), maps, allow_extra=mtp_prefixes(hf_dir))  # validates names, shapes, dtypes
     final = os.path.join(output_dir, str(STEP))
     if os.path.exists(final):
         raise CheckpointError(f"{final} already exists; choose an empty --output_dir")

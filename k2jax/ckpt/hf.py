@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import dataclasses
 import functools
 import math
@@ -116,10 +118,15 @@ class HFSource:
 
     def __init__(self, folder: SafetensorsFolder, maps: list[TensorMap], *, allow_extra: tuple[str, ...] = ()):
         self.folder, self.maps = folder, {m.path: m for m in maps}
-        self.validate(allow_extra)
+        self.dropped = self.validate(allow_extra)
+        if self.dropped:  # one line, as transformers says it
+            print(f"k2jax: {folder.folder}: dropped {len(self.dropped)} multi-token-prediction tensors "
+                  f"({', '.join(sorted({n.split('.')[0] + '.' + n.split('.')[1] + '.' + n.split('.')[2] + '.*' for n in self.dropped}))}); "
+                  "the next-token model does not use them", file=sys.stderr)
 
-    def validate(self, allow_extra=()) -> None:
-        """Every expected tensor present with its expected shape; no unknown tensors. Raises CheckpointError."""
+    def validate(self, allow_extra=()) -> list[str]:
+        """Every expected tensor present with its expected shape; no unknown tensors (raises CheckpointError);
+        returns the tensors under `allow_extra` prefixes, which are skipped."""
         where = self.folder.folder
         expected = set()
         for m in self.maps.values():
@@ -142,12 +149,14 @@ class HFSource:
                     expected.add(name + "_scale_inv")
                 elif dtype.kind not in "f" and dtype != np.dtype(ml_dtypes.bfloat16):
                     raise CheckpointError(f"{where}: tensor {name} has dtype {dtype}, expected a float type")
-        unknown = sorted(n for n in self.folder.names() if n not in expected and not IGNORED.match(n)
-                         and not any(n.startswith(p) for p in allow_extra))
+        rest = [n for n in self.folder.names() if n not in expected and not IGNORED.match(n)]
+        dropped = [n for n in rest if any(n.startswith(p) for p in allow_extra)]
+        unknown = sorted(set(rest) - set(dropped))
         if unknown:
             more = f" (and {len(unknown) - 20} more)" if len(unknown) > 20 else ""
             raise CheckpointError(f"{where}: unknown tensor names not in this architecture: "
                                   f"{', '.join(unknown[:20])}{more}")
+        return dropped
 
     def unit(self, m: "TensorMap", name: str, dtype) -> np.ndarray:
         """One HF tensor as the destination unit (dequantised, transposed, reshaped) in `dtype`."""
@@ -215,8 +224,11 @@ def load_state(source: HFSource, abstract_state, shardings):
     return nnx.from_flat_state(out)
 
 
-def load_hf_state(hf_dir: str, config: K2Config, abstract_state, shardings, allow_extra=()):
-    """Validates the folder against the config, then loads it into `shardings`. Errors name the tensor."""
+def load_hf_state(hf_dir: str, config: K2Config, abstract_state, shardings):
+    """Validates the folder against the config, then loads it into `shardings`. Errors name the tensor;
+    multi-token-prediction tensors are dropped with a notice."""
+    from k2jax.model.config import mtp_prefixes
+
     folder = SafetensorsFolder(hf_dir)
-    source = HFSource(folder, tensor_maps(config, abstract_state), allow_extra=allow_extra)
+    source = HFSource(folder, tensor_maps(config, abstract_state), allow_extra=mtp_prefixes(hf_dir))
     return load_state(source, abstract_state, shardings)

@@ -46,6 +46,9 @@ def run_main(main, *, host_malloc: bool = False):
     XLA executions step after step; K2JAX_HOST_MALLOC=0 keeps the current malloc settings)."""
     from absl import app
 
+    from k2jax.runtime import quiet_platforms
+
+    quiet_platforms()
     if host_malloc:
         from k2jax.runtime import reexec_with_host_malloc
 

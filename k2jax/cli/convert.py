@@ -16,7 +16,6 @@ flags.DEFINE_string("output_dir", None, "Where to write: the k2jax checkpoint (i
 flags.DEFINE_enum("dtype", "bfloat16", list(PARAM_DTYPES), "Parameter dtype of the imported checkpoint.")
 flags.DEFINE_integer("workers", 4, "Tensors converted in parallel.")
 flags.DEFINE_bool("verify", False, "Re-read every written tensor and check shape, dtype and checksum against the source.")
-flags.DEFINE_bool("ignore_mtp", False, "Drop multi-token-prediction layers instead of refusing them.")
 flags.DEFINE_bool("to_hf", False, "Export a k2jax checkpoint (--checkpoint_dir) to HF safetensors.")
 flags.DEFINE_string("checkpoint_dir", None, "k2jax checkpoint to export with --to_hf.")
 flags.DEFINE_bool("fp8", False, "With --to_hf: re-quantise linear weights to e4m3 with 128x128 block scales.")
@@ -43,7 +42,7 @@ def main(argv):
         if not FLAGS.hf_dir:
             raise flags.ValidationError("--hf_dir is required (or --to_hf --checkpoint_dir=...)")
         out = import_hf(FLAGS.hf_dir, FLAGS.output_dir, dtype=FLAGS.dtype, workers=FLAGS.workers,
-                        verify=FLAGS.verify, ignore_mtp=FLAGS.ignore_mtp, quiet=FLAGS.quiet)
+                        verify=FLAGS.verify, quiet=FLAGS.quiet)
     print(f"wrote {out}")
     return 0
 

@@ -129,7 +129,7 @@ def _mesh(mesh) -> Mesh:
 
 
 def load_hf(hf_dir: str, mesh: Mesh | str | None = None, dtype="float32", *, rules: ShardingRules | None = None,
-            execution: Execution | None = None, ignore_mtp: bool = False, **overrides) -> Model:
+            execution: Execution | None = None, **overrides) -> Model:
     """Loads an HF-format K2 / DeepSeek-V3 folder (config.json + safetensors) into a Model on `mesh`.
 
     `mesh`: a Mesh, a spec such as 'data=2,expert=4', or None for one device. `dtype` sets parameter and
@@ -138,10 +138,9 @@ def load_hf(hf_dir: str, mesh: Mesh | str | None = None, dtype="float32", *, rul
     """
     from k2jax.ckpt.hf import load_hf_state
 
-    config, execution = _settings(from_hf_config(hf_dir, ignore_mtp=ignore_mtp), execution, dtype, overrides)
+    config, execution = _settings(from_hf_config(hf_dir), execution, dtype, overrides)
     p = place(config, _mesh(mesh), rules, execution)
-    extra = (f"model.layers.{config.num_hidden_layers}.",) if ignore_mtp else ()
-    state = load_hf_state(hf_dir, config, p.abstract, p.shardings, allow_extra=extra)
+    state = load_hf_state(hf_dir, config, p.abstract, p.shardings)
     return Model(config, p.graphdef, state, p.mesh, p.rules, execution=p.execution)
 
 

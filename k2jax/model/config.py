@@ -264,12 +264,12 @@ _HF_DIRECT = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediat
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
 
 
-def from_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any], *, ignore_mtp: bool = False,
-                   **overrides: Any) -> K2Config:
+def from_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> K2Config:
     """Reads an HF config.json (a file, a folder holding one, or its dict) into a K2Config.
 
-    Unsupported values raise ConfigError naming the field. `ignore_mtp=True` drops multi-token-prediction
-    layers (as HF transformers does when it loads DeepSeek-V3) instead of refusing them.
+    Unsupported values raise ConfigError naming the field. Multi-token-prediction layers
+    (`num_nextn_predict_layers`) are not part of the next-token model: the config drops them, as HF
+    transformers does (`mtp_prefixes` names their tensors, which loaders skip with a notice).
     """
     if isinstance(path_or_dict, Mapping):
         raw, where = dict(path_or_dict), "config dict"
@@ -293,15 +293,7 @@ def from_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any], *, ignor
     for name in _HF_DIRECT:
         if name in raw and raw[name] is not None:
             kw[name] = raw[name]
-    if "num_mtp_layers" in raw and "num_nextn_predict_layers" not in raw:
-        kw["num_nextn_predict_layers"] = raw["num_mtp_layers"]
-    if ignore_mtp:
-        kw["num_nextn_predict_layers"] = 0
-    elif kw.get("num_nextn_predict_layers", 0):
-        raise ConfigError(
-            f"{where}: config field 'num_nextn_predict_layers' is {kw['num_nextn_predict_layers']}: multi-token "
-            "prediction layers are not supported yet (expected 0). Pass ignore_mtp=True to drop them; the "
-            "next-token model is unchanged (HF transformers drops them too).")
+    kw["num_nextn_predict_layers"] = 0  # MTP layers are dropped (mtp_prefixes)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = raw.get(name)
         if isinstance(v, list):
@@ -335,6 +327,21 @@ def from_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any], *, ignor
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return cfg.replace(**overrides) if overrides else cfg
+
+
+def mtp_prefixes(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> tuple[str, ...]:
+    """HF name prefixes of the multi-token-prediction layers a config.json declares (they follow the last
+    decoder layer): tensors under them are dropped on load, as transformers does."""
+    if isinstance(path_or_dict, Mapping):
+        raw = dict(path_or_dict)
+    else:
+        from k2jax import storage
+
+        path = os.fspath(path_or_dict)
+        raw = json.loads(storage.read_text(storage.join(path, "config.json") if storage.isdir(path) else path))
+    n = raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers")) or 0
+    layers = int(raw.get("num_hidden_layers", 0))
+    return tuple(f"model.layers.{layers + i}." for i in range(int(n)))
 
 
 def to_hf_config(c: K2Config, param_dtype: str = "float32") -> dict[str, Any]:

@@ -99,19 +99,28 @@ _CALL = re.compile(r"<\|tool_call_begin\|>\s*(?P<id>[^<]+?)\s*<\|tool_call_argum
                    r"(?P<args>(?:(?!<\|tool_call_begin\|>).)*?)<\|tool_call_end\|>", re.DOTALL)
 
 
+_CALL_ID = re.compile(r"functions\.(?P<name>.+):(?P<index>\d+)")
+
+
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     """Splits generated assistant text into (content, tool calls in OpenAI form).
 
-    Each call: {"id": "functions.NAME:IDX", "type": "function", "function": {"name": NAME, "arguments": str}}.
+    Each call: {"id": "functions.NAME:IDX", "type": "function", "function": {"name": NAME, "arguments": str}};
+    NAME is everything after `functions.` (dots included). A call whose id is not of that form (what vLLM and
+    SGLang require) is left in the content as plain text.
     Arguments stay the raw JSON text the model wrote (validate before executing).
     """
     calls = []
     m = _SECTION.search(text)
     if not m:
         return text.replace("<|im_end|>", ""), calls
-    content = text[: m.start()]
+    content, plain = text[: m.start()], []
     for c in _CALL.finditer(m.group(1)):
         call_id = c.group("id").strip()
-        name = call_id.split(":")[0].split(".")[-1]
-        calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": c.group("args").strip()}})
-    return content, calls
+        valid = _CALL_ID.fullmatch(call_id)
+        if not valid:  # the serving engines accept only functions.NAME:INDEX; anything else stays text
+            plain.append(c.group(0))
+            continue
+        calls.append({"id": call_id, "type": "function",
+                      "function": {"name": valid.group("name"), "arguments": c.group("args").strip()}})
+    return content + "".join(plain), calls

@@ -13,6 +13,8 @@ from k2jax.model.layers.common import RMSNorm, dtype_of, param
 from k2jax.model.layers.rope import apply_rope
 from k2jax.model.sharding import ShardingRules, constrain
 
+LATENT_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm: DeepseekV3RMSNorm's default, whatever rms_norm_eps
+
 
 def attention_mask(segment_ids_bt: jax.Array | None, t: int) -> jax.Array:
     """Boolean [b or 1, 1, t, t]: causal, and within one segment (packed documents never attend across)."""
@@ -29,10 +31,11 @@ class MLAttention(nnx.Module):
     def __init__(self, config, execution, rules: ShardingRules, *, rngs: nnx.Rngs):
         c, run = config, execution
         self.q_a = param(rngs, "attn.q_a", (c.hidden_size, c.q_lora_rank), c, run)
-        self.q_norm = RMSNorm("attn.q_norm", c.q_lora_rank, c, run, rngs=rngs)
+        # the latent norms use a fixed epsilon in the official model code (and HF's), not config.rms_norm_eps
+        self.q_norm = RMSNorm("attn.q_norm", c.q_lora_rank, c, run, rngs=rngs, eps=LATENT_NORM_EPS)
         self.q_b = param(rngs, "attn.q_b", (c.q_lora_rank, c.num_attention_heads, c.qk_head_dim), c, run)
         self.kv_a = param(rngs, "attn.kv_a", (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim), c, run)
-        self.kv_norm = RMSNorm("attn.kv_norm", c.kv_lora_rank, c, run, rngs=rngs)
+        self.kv_norm = RMSNorm("attn.kv_norm", c.kv_lora_rank, c, run, rngs=rngs, eps=LATENT_NORM_EPS)
         self.kv_b = param(rngs, "attn.kv_b", (c.kv_lora_rank, c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim),
                           c, run)
         self.o = param(rngs, "attn.o", (c.num_attention_heads, c.v_head_dim, c.hidden_size), c, run)

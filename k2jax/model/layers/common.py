@@ -34,9 +34,9 @@ def param(rngs: nnx.Rngs, key: str, shape: Sequence[int], config, execution) -> 
 class RMSNorm(nnx.Module):
     """x / rms(x) * scale over the last dim, computed in float32 (as HF's DeepseekV3RMSNorm)."""
 
-    def __init__(self, key: str, dim: int, config, execution, *, rngs: nnx.Rngs):
+    def __init__(self, key: str, dim: int, config, execution, *, rngs: nnx.Rngs, eps: float | None = None):
         self.scale = param(rngs, f"{key}.scale", (dim,), config, execution)
-        self.eps = config.rms_norm_eps
+        self.eps = config.rms_norm_eps if eps is None else eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
