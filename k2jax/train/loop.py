@@ -266,21 +266,21 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print,
     if held_out is not None and step == 0:  # where the held-out loss starts from
         steps.evaluate(step, lambda: trainer.evaluate(state, held_out))
     saved = {"step": mgr.latest_step() or step}
-    data_after = {step: data_state}  # data-iterator state after each recent step, to save the last good one
 
     def save(at: int, force: bool):
-        """Saves step `at` if it was applied; otherwise the last good step (once), labelled as such."""
+        """Saves step `at` if it was applied; otherwise the last good step (once), labelled as such, with the
+        data position after step `at`: a resumed run does not feed again the batches that were not applied."""
         if saved.get("tried") == at:
             return
         saved["tried"] = at
         good = steps.settle()
         label = at if good else steps.last_good
-        if label <= saved["step"] or label not in data_after:
+        if label <= saved["step"]:
             if not good:
                 log(f"step {at}: not saved (not applied; newest checkpoint: step {saved['step']})")
             return
         out = state if good else dataclasses.replace(state, step=jnp.asarray(label, jnp.int32))
-        mgr.save(label, args=train_save_args(trainer, out, data_after[label]), force=force)
+        mgr.save(label, args=train_save_args(trainer, out, it.get_state()), force=force)
         saved["step"] = label
         if not good:
             log(f"saved step {label}, the last good step (step {at} was not applied)")
@@ -290,9 +290,6 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print,
         while step < run.steps:
             state, metrics = trainer.step(state, batch)
             step += 1
-            data_after[step] = it.get_state()
-            for old in [k for k in data_after if k < step - run.max_bad_steps - 2]:
-                del data_after[old]
             steps.push(step, metrics)
             if held_out is not None and (step % run.eval_every == 0 or step == run.steps):
                 steps.evaluate(step, lambda: trainer.evaluate(state, held_out))

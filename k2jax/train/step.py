@@ -139,9 +139,12 @@ class Trainer:
         """One optimizer step on a global batch {tokens, segment_ids, positions} [batch, seq]."""
         c, o = self.config, self.optim
         loss, grads, aux = self._grads(state.params, state.bias, batch)
-        grad_norm = optax.tree.norm(grads)
+        # one pass over the gradients gives the global norm and, per parameter, whether it is finite (a NaN or
+        # inf anywhere makes that parameter's sum of squares non-finite)
+        sq = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)])
+        grad_norm = jnp.sqrt(jnp.sum(sq))
+        finite = jnp.isfinite(sq)
         # a step whose loss or gradients are not finite is not applied: the state keeps the last good values
-        finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
         ok = jnp.isfinite(loss) & jnp.isfinite(aux["ce_sum"]) & jnp.all(finite)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
