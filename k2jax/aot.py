@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -185,12 +186,13 @@ def collective_bytes(hlo_text: str) -> int:
 
 
 def _compile_train(config: K2Config, execution: Execution, mesh, batch: int, seq: int, microbatches: int,
-                   grad_accum_dtype: str = "param"):
+                   grad_accum_dtype: str = "param", lora=None, base_quant: str = ""):
     from k2jax.train.optim import OptimConfig
     from k2jax.train.step import LossConfig, Trainer
 
-    trainer = Trainer(config, OptimConfig(grad_accum_dtype=grad_accum_dtype), mesh, loss=LossConfig(vocab_chunk=8192),
-                      microbatches=microbatches, execution=execution)
+    optim = OptimConfig(grad_accum_dtype=grad_accum_dtype, optimizer="adamw" if lora is not None else "muonclip")
+    trainer = Trainer(config, optim, mesh, loss=LossConfig(vocab_chunk=8192), microbatches=microbatches,
+                      execution=execution, lora=lora, base_quant=base_quant)
     state = trainer.abstract_state()
     spec = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=trainer.batch_sharding)
     t0 = time.perf_counter()
@@ -249,16 +251,21 @@ def extrapolate(per_depth: dict[int, float], layers: int) -> float:
 
 def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int, seq: int,
                   microbatches: int = 1, progress=None, flops_batch: int | None = None,
-                  grad_accum_dtype: str = "param", execution: Execution | None = None) -> Report:
+                  grad_accum_dtype: str = "param", execution: Execution | None = None, lora=None,
+                  base_quant: str = "", cost: bool = True) -> Report:
     """AOT-compiles the real train step; FLOPs and time come from 2- and 3-layer unrolled builds, extrapolated
     to the full depth (XLA counts a scanned loop body once).
 
     The unrolled builds hold `flops_batch` sequences (default: one per batch shard, at most a microbatch) and
     their model part is scaled by microbatch / flops_batch: FLOPs are linear in the sequences, and a full K2
     build with two sequences per chip outgrows a small build host. The time scales the same way, an upper bound
-    (the weights' gathers do not grow with the batch). The optimizer update is counted once per step.
+    (the weights' gathers do not grow with the batch). The optimizer update is counted once per step. With `lora`
+    (a LoraConfig) it is a LoRA fine-tuning step: adapters trained, the base frozen (held as `base_quant`).
+    `cost=False`: the memory verdict only (FLOPs and time NaN), without the unrolled builds.
     """
     from k2jax.train.step import analytic_train_flops
+
+    analytic = functools.partial(analytic_train_flops, lora=lora)
 
     chip, devices = topology_devices(topology)
     mesh = make_mesh(mesh_spec, devices=devices)
@@ -273,19 +280,21 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
         flops_batch = shards if micro % shards == 0 else micro
     if flops_batch <= 0 or micro % flops_batch:
         raise ConfigError(f"--flops_batch={flops_batch} does not divide the microbatch of {micro} sequences")
-    compiled, secs, _ = _compile_train(config, execution, mesh, batch, seq, microbatches, grad_accum_dtype)
+    compiled, secs, _ = _compile_train(config, execution, mesh, batch, seq, microbatches, grad_accum_dtype, lora,
+                                       base_quant)
     mem = compiled.memory_analysis()
     over = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     if progress is not None:
         progress(f"full-depth step compiled in {secs:.1f}s: {over / GiB:.2f} GiB per chip of {chip.hbm_bytes / GiB:.2f}"
-                 + ("" if over > chip.hbm_bytes else f"; counting FLOPs with 2- and 3-layer unrolled builds of "
-                    f"{flops_batch} sequences"))
-    if over > chip.hbm_bytes:  # the verdict is known: skip the FLOPs builds
-        return Report(topology, dict(mesh.shape), "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
+                 + ("" if over > chip.hbm_bytes or not cost else f"; counting FLOPs with 2- and 3-layer unrolled "
+                    f"builds of {flops_batch} sequences"))
+    if over > chip.hbm_bytes or not cost:  # the verdict is known (or only it was asked for): no FLOPs builds
+        return Report(topology, dict(mesh.shape), "finetune" if lora is not None else "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
                       mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, float("nan"),
-                      analytic_train_flops(config, batch * seq, seq), float("nan"), batch * seq, secs, 0)
+                      analytic(config, batch * seq, seq), float("nan"), batch * seq, secs, 0)
+
     def costs(small, run):  # (step FLOPs, step seconds, update FLOPs, update seconds) of one unrolled build
-        c, _, small_trainer = _compile_train(small, run, mesh, flops_batch, seq, 1)
+        c, _, small_trainer = _compile_train(small, run, mesh, flops_batch, seq, 1, lora=lora, base_quant=base_quant)
         return _cost(c, chip) + _optimizer_cost(small_trainer, chip)
 
     built = by_depth(config, execution, costs)
@@ -295,9 +304,9 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
     scale = microbatches * micro / flops_batch
     flops = scale * (f - opt) + opt
     seconds = scale * (s - opt_s) + opt_s
-    return Report(topology, dict(mesh.shape), "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
+    return Report(topology, dict(mesh.shape), "finetune" if lora is not None else "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
                   mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, flops * len(devices),
-                  analytic_train_flops(config, batch * seq, seq), seconds, batch * seq, secs,
+                  analytic(config, batch * seq, seq), seconds, batch * seq, secs,
                   collective_bytes(compiled.as_text()), opt * len(devices))
 
 

@@ -25,7 +25,7 @@ LAYERS = [
     ("cli",),
 ]
 # inside k2jax.model, the same rule by module
-MODEL_LAYERS = [("config", "params", "sharding", "cache"), ("layers",), ("transformer",), ("init",)]
+MODEL_LAYERS = [("config", "params", "sharding", "cache", "quant"), ("layers",), ("transformer",), ("init", "adapters")]
 
 
 def _level(layers, name):

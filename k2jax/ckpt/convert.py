@@ -311,27 +311,48 @@ def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(ml_dtypes.float8_e4m3fn), scale
 
 
+def leaf_reader(item_dir: str):
+    """read(path, idx) -> one unit (an array at a layer/expert index) of a saved model item, stores opened once."""
+    stores = {}
+
+    def read(path: tuple[str, ...], idx: tuple[int, ...]) -> np.ndarray:
+        if path not in stores:
+            stores[path] = _open_leaf(item_dir, leaf_name(path))
+        return np.asarray(stores[path][idx].read().result())
+
+    return read
+
+
 def export_hf(checkpoint_dir: str, output_dir: str, *, fp8: bool = False, shard_bytes: int = 5 * 2**30,
-              quiet: bool = False) -> str:
+              quiet: bool = False, merge_lora: bool = False, base: str = "") -> str:
     """Writes HF-format safetensors shards (official names), an index and config.json from a k2jax checkpoint.
 
     Tensors are read one unit at a time from the checkpoint; `fp8` re-quantises linear weights to e4m3 with
-    128x128 block scales (`<name>_scale_inv`). Returns output_dir.
+    128x128 block scales (`<name>_scale_inv`). A LoRA run's checkpoint needs `merge_lora`: each unit is then its
+    base's (the recorded base, or `base`, checked by hash) plus its adapters' update. Returns output_dir.
     """
+    from k2jax.ckpt.lora import merged_unit_reader, read_lora
+
     step_dir = resolve_step_dir(checkpoint_dir)
     config, saved_dtype = read_config(step_dir)
     _, abstract = abstract_model(config)
     maps = tensor_maps(config, abstract)
-    item = storage.join(step_dir, "model")
+    rec = read_lora(step_dir)
+    if rec is None and merge_lora:
+        raise CheckpointError(f"--merge_lora: {step_dir} is a full model's checkpoint, not a LoRA run's")
+    if rec is not None and not merge_lora:
+        raise CheckpointError(f"{step_dir} is a LoRA run's checkpoint (adapters only): export merged weights with "
+                              "--merge_lora, or the adapters as a PEFT folder with --adapter_only")
+    read_unit = (leaf_reader(storage.join(step_dir, "model")) if rec is None
+                 else merged_unit_reader(step_dir, rec, config, maps, base))
     os.makedirs(output_dir, exist_ok=True)
     hf_dtype = dtype_of(saved_dtype)
     shards, current, size = [], {}, 0
     total = sum(1 for m in maps for _ in _units(m))
     progress = Progress(total, quiet)
     for m in maps:
-        store = _open_leaf(item, leaf_name(m.path))
         for idx, name in _units(m):
-            unit = np.asarray(store[idx].read().result())
+            unit = read_unit(m.path, idx)
             hf = np.ascontiguousarray(m.to_hf(unit))
             tensors = {}
             spec = spec_of(m.path)

@@ -54,9 +54,13 @@ def _quiet_abandoned_reads():
 _quiet_abandoned_reads()
 
 
-def config_to_json(config: K2Config, param_dtype: str) -> dict:
-    """The `config` item: the architecture and the dtype of the saved parameters."""
-    return {"architecture": dataclasses.asdict(config), "param_dtype": param_dtype}
+def config_to_json(config: K2Config, param_dtype: str, lora: dict | None = None) -> dict:
+    """The `config` item: the architecture and the dtype of the saved parameters (a LoRA run's checkpoint adds
+    `lora`: its LoraConfig and the reference to its base, k2jax.ckpt.lora)."""
+    out = {"architecture": dataclasses.asdict(config), "param_dtype": param_dtype}
+    if lora is not None:
+        out["lora"] = lora
+    return out
 
 
 def config_from_json(d: dict) -> tuple[K2Config, str]:
@@ -77,10 +81,11 @@ def manager(root: str, *, max_to_keep: int | None = None, save_interval_steps: i
 
 
 def save_args(model_state, config: K2Config, param_dtype: str, opt_state=None,
-              train: dict | None = None) -> ocp.args.Composite:
-    """The Orbax items of one step: model state, config, and for training the optimizer state and `train`."""
+              train: dict | None = None, lora: dict | None = None) -> ocp.args.Composite:
+    """The Orbax items of one step: model state, config, and for training the optimizer state and `train`
+    (`lora`: a LoRA run's adapters-and-base record; its `model` item then holds the adapters only)."""
     items = {"model": ocp.args.StandardSave(nnx.to_pure_dict(model_state)),
-             "config": ocp.args.JsonSave(config_to_json(config, param_dtype))}
+             "config": ocp.args.JsonSave(config_to_json(config, param_dtype, lora))}
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardSave(opt_state)
     if train is not None:
@@ -132,11 +137,18 @@ def split_step_dir(step_dir: str) -> tuple[str, int]:
 
 def read_config(step_dir: str) -> tuple[K2Config, str]:
     """(architecture, saved parameter dtype) of a step directory."""
+    return config_from_json(read_config_item(step_dir))
+
+
+def read_config_item(step_dir: str) -> dict:
+    """The raw `config` item of a step directory (errors name the file)."""
     path = storage.join(step_dir, "config", "metadata")  # the file Orbax's JSON handler writes
     if not storage.isfile(path):
         raise CheckpointError(f"{step_dir}: no config item ({path} is missing)")
     try:
-        return config_from_json(json.loads(storage.read_text(path)))
+        item = json.loads(storage.read_text(path))
+        config_from_json(item)
+        return item
     except (json.JSONDecodeError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path}: not a k2jax config item ({e})") from None
 

@@ -18,7 +18,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "kimi_k2", "Preset name, preset file or HF config.json.")
 flags.DEFINE_string("topology", "v5p-512", "Cloud TPU name: v4-N, v5e-N, v5p-N, v6e-N.")
 flags.DEFINE_string("mesh", "", "Mesh spec, e.g. fsdp=64,expert=8 (default: all chips on fsdp).")
-flags.DEFINE_enum("mode", "train", ["train", "decode"], "Which step to compile.")
+flags.DEFINE_enum("mode", "train", ["train", "finetune", "decode"], "Which step to compile: train (every weight, "
+                  "MuonClip), finetune (LoRA adapters over a frozen base: --lora_rank, --base_dtype), decode.")
+flags.DEFINE_integer("lora_rank", 16, "finetune: adapter rank.")
+flags.DEFINE_list("lora_targets", ["attn", "dense_mlp", "shared", "experts"], "finetune: adapted projections.")
+flags.DEFINE_enum("base_dtype", "bfloat16", ["bfloat16", "int8", "fp8"], "finetune: how the frozen base is held.")
 flags.DEFINE_integer("batch", 0, "Global batch in sequences (train; default 1 per chip) or decode batch (default 1).")
 flags.DEFINE_integer("seq", 4096, "Train sequence length.")
 flags.DEFINE_integer("context", 32768, "Decode cache length.")
@@ -30,6 +34,8 @@ flags.DEFINE_enum("grad_accum_dtype", "param", ["param", "float32"],
                   "Gradient sums over --microbatches: in the parameters' dtype or float32.")
 flags.DEFINE_integer("flops_batch", 0, "Sequences in the 2- and 3-layer builds that count FLOPs (train; default one "
                      "per batch shard), scaled to the batch.")
+flags.DEFINE_bool("cost", True, "train/finetune: also count FLOPs and estimate the step time (2- and 3-layer "
+                  "unrolled builds, slow for large batches); --nocost gives the memory verdict alone.")
 flags.DEFINE_bool("search", False, "Try a short list of meshes and remat policies; print a ranked table.")
 
 
@@ -38,15 +44,24 @@ def main(argv):
     from k2jax import aot
 
     config, execution = config_from_flags(FLAGS.config, FLAGS.set)
+    lora, quant = None, ""
+    if FLAGS.mode == "finetune":
+        from k2jax.model.layers.lora import LoraConfig
+
+        lora = LoraConfig(rank=FLAGS.lora_rank, targets=tuple(FLAGS.lora_targets))
+        quant = FLAGS.base_dtype if FLAGS.base_dtype in ("int8", "fp8") else ""
+        execution = execution.replace(param_dtype="bfloat16")  # the base's non-quantised parts (adapters: float32)
+        print(f"finetune: LoRA rank {lora.rank} on {','.join(lora.targets)}, base held as {FLAGS.base_dtype}")
     chip, chips, topo = aot.parse_topology(FLAGS.topology)
     print(f"{FLAGS.topology}: {chips} x {chip.family} chips ({topo}), {chip.hbm_bytes / aot.GiB:.2f} GiB HBM each")
 
     def one(mesh, run):
         aot.check_mesh(mesh, chips)
-        if FLAGS.mode == "train":
+        if FLAGS.mode in ("train", "finetune"):
             return aot.compile_train(config, FLAGS.topology, mesh, batch=FLAGS.batch or chips, seq=FLAGS.seq,
                                      microbatches=FLAGS.microbatches, flops_batch=FLAGS.flops_batch or None,
-                                     grad_accum_dtype=FLAGS.grad_accum_dtype, execution=run,
+                                     grad_accum_dtype=FLAGS.grad_accum_dtype, execution=run, lora=lora,
+                                     base_quant=quant, cost=FLAGS.cost,
                                      progress=lambda line: print(f"  ({line})", file=sys.stderr, flush=True))
         return aot.compile_decode(config, FLAGS.topology, mesh, batch=FLAGS.batch or 1, context=FLAGS.context,
                                   cache_dtype=FLAGS.cache_dtype, execution=run)
@@ -63,7 +78,7 @@ def main(argv):
         print("\n".join(report.lines(chip.peak_flops)))
         return 0 if report.fits else 1
     rows = []
-    remats = ("full", "save_moe", "dots_no_batch") if FLAGS.mode == "train" else (execution.remat_policy,)
+    remats = ("full", "save_moe", "dots_no_batch") if FLAGS.mode != "decode" else (execution.remat_policy,)
     for mesh in aot.candidate_meshes(chips, config):
         for remat in remats:
             try:

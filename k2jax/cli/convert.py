@@ -19,6 +19,13 @@ flags.DEFINE_bool("verify", False, "Re-read every written tensor and check shape
 flags.DEFINE_bool("to_hf", False, "Export a k2jax checkpoint (--checkpoint_dir) to HF safetensors.")
 flags.DEFINE_string("checkpoint_dir", None, "k2jax checkpoint to export with --to_hf.")
 flags.DEFINE_bool("fp8", False, "With --to_hf: re-quantise linear weights to e4m3 with 128x128 block scales.")
+flags.DEFINE_bool("merge_lora", False, "With --to_hf and a LoRA run's checkpoint: write its base with the adapters "
+                  "merged into the weights (read unit by unit; the base is the one recorded, checked by hash).")
+flags.DEFINE_bool("adapter_only", False, "With --to_hf and a LoRA run's checkpoint: write the adapters as a PEFT "
+                  "folder (adapter_config.json, adapter_model.safetensors) for peft.PeftModel.from_pretrained "
+                  "(targets attn and experts; dense_mlp and shared need --merge_lora).")
+flags.DEFINE_string("base", "", "With --merge_lora: the LoRA run's base, when it has moved from the recorded path "
+                    "(it must hash the same).")
 flags.DEFINE_integer("shard_gb", 5, "With --to_hf: approximate size of each safetensors shard, in GB.")
 flags.DEFINE_bool("quiet", False, "No progress line.")
 
@@ -33,11 +40,21 @@ def main(argv):
 
     if not FLAGS.output_dir:
         raise flags.ValidationError("--output_dir is required")
+    if (FLAGS.merge_lora or FLAGS.adapter_only or FLAGS.base) and not FLAGS.to_hf:
+        raise flags.ValidationError("--merge_lora, --adapter_only and --base go with --to_hf --checkpoint_dir=RUN")
     if FLAGS.to_hf:
         if not FLAGS.checkpoint_dir:
             raise flags.ValidationError("--to_hf needs --checkpoint_dir")
-        out = export_hf(FLAGS.checkpoint_dir, FLAGS.output_dir, fp8=FLAGS.fp8, shard_bytes=FLAGS.shard_gb * 2**30,
-                        quiet=FLAGS.quiet)
+        if FLAGS.adapter_only:
+            if FLAGS.merge_lora or FLAGS.fp8:
+                raise flags.ValidationError("--adapter_only writes the adapters alone: not with --merge_lora or --fp8")
+            from k2jax.ckpt.lora import export_peft
+
+            out = export_peft(FLAGS.checkpoint_dir, FLAGS.output_dir)
+        else:
+            out = export_hf(FLAGS.checkpoint_dir, FLAGS.output_dir, fp8=FLAGS.fp8,
+                            shard_bytes=FLAGS.shard_gb * 2**30, quiet=FLAGS.quiet, merge_lora=FLAGS.merge_lora,
+                            base=FLAGS.base)
     else:
         if not FLAGS.hf_dir:
             raise flags.ValidationError("--hf_dir is required (or --to_hf --checkpoint_dir=...)")

@@ -47,6 +47,18 @@ flags.DEFINE_integer("data_workers", 0, "grain worker processes for tokenisation
 flags.DEFINE_float("z_loss", 0.0, "z-loss weight.")
 flags.DEFINE_integer("max_bad_steps", 5, "A step whose loss or gradient is not finite is not applied (counted and "
                      "logged); this many in a row stop the run, naming the step and the first non-finite gradient.")
+flags.DEFINE_integer("lora_rank", 0, "LoRA: train rank-R adapters over the frozen --init_from base instead of every "
+                     "weight (0: full fine-tuning). Checkpoints hold the adapters, their optimizer state and a "
+                     "reference (path and hash) to the base. Adapters are trained with AdamW.")
+flags.DEFINE_float("lora_alpha", 0.0, "LoRA: the update is scaled by alpha/rank (default 0: alpha = rank, scale 1).")
+flags.DEFINE_float("lora_dropout", 0.0, "LoRA: dropout on the adapters' inputs while training (default 0).")
+flags.DEFINE_list("lora_targets", ["attn", "dense_mlp", "shared", "experts"], "LoRA: projections that get adapters "
+                  "(default all): attn (q_a, q_b, kv_a, kv_b, o), dense_mlp (the dense layers' MLP), shared (the "
+                  "shared expert), experts (the routed experts, one adapter per expert).")
+flags.DEFINE_enum("base_dtype", "", ["", "bfloat16", "float32", "int8", "fp8"], "LoRA: how the frozen base is held "
+                  "(default: the preset's param_dtype): bfloat16, float32, or quantised: int8 (one scale per output "
+                  "channel) or fp8 (e4m3, one scale per 128x128 block, the release's format), dequantised as each "
+                  "kernel is read (embedding, lm_head, router and norms stay bfloat16). The adapters are float32.")
 flags.DEFINE_integer("sample_tokens", 48, "After training, generate this many tokens from the last checkpoint (0: none).")
 flags.DEFINE_string("sample_prompt", "def ", "Prompt of that sample.")
 flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache: a resumed or restarted run "
@@ -88,7 +100,12 @@ def init_settings():
     from k2jax.model.config import K2Config, configure, load_preset, parse_assignments
     from k2jax.train.resume import architecture_of
 
-    arch = architecture_of(FLAGS.init_from)
+    from k2jax.errors import CheckpointError
+
+    try:
+        arch = architecture_of(FLAGS.init_from)
+    except CheckpointError as e:
+        raise CheckpointError(f"--init_from={FLAGS.init_from}: {e}") from None
     sets = parse_assignments(FLAGS.set)
     fields = [f.name for f in dataclasses.fields(K2Config)]
     for key in sets:
@@ -105,6 +122,20 @@ def init_settings():
     return arch, execution
 
 
+def lora_from_flags():
+    """The LoraConfig of --lora_* (None without --lora_rank); LoRA flags without --lora_rank are refused."""
+    from k2jax.errors import ConfigError
+    from k2jax.model.layers.lora import LoraConfig
+
+    if FLAGS.lora_rank == 0:
+        given = [f"--{n}" for n in ("lora_alpha", "lora_dropout", "lora_targets", "base_dtype") if FLAGS[n].present]
+        if given:
+            raise ConfigError(f"{given[0]} applies to LoRA runs only: add --lora_rank=R")
+        return None
+    return LoraConfig(rank=FLAGS.lora_rank, alpha=FLAGS.lora_alpha, dropout=FLAGS.lora_dropout,
+                      targets=tuple(t.strip() for t in FLAGS.lora_targets))
+
+
 def main(argv):
     del argv
     init_distributed()
@@ -115,8 +146,15 @@ def main(argv):
     from k2jax.train.optim import OptimConfig
 
     config, execution = config_from_flags(FLAGS.config, FLAGS.set) if not FLAGS.init_from else init_settings()
+    opt_sets = parse_assignments(FLAGS.opt, "--opt")
+    lora = lora_from_flags()
+    if lora is not None:
+        opt_sets.setdefault("optimizer", "adamw")
+        if FLAGS.base_dtype:
+            quantised = FLAGS.base_dtype in ("int8", "fp8")
+            execution = execution.replace(param_dtype="bfloat16" if quantised else FLAGS.base_dtype)
     optim = override(OptimConfig(learning_rate=FLAGS.lr, warmup_steps=FLAGS.warmup, total_steps=FLAGS.steps,
-                                 min_learning_rate=FLAGS.lr / 10), parse_assignments(FLAGS.opt, "--opt"))
+                                 min_learning_rate=FLAGS.lr / 10), opt_sets)
     mesh = k2jax.make_mesh(FLAGS.mesh)
     run = RunConfig(workdir=FLAGS.workdir, steps=FLAGS.steps, batch=FLAGS.batch, seq=FLAGS.seq,
                     microbatches=FLAGS.microbatches, save_every=FLAGS.save_every, keep=FLAGS.keep,
@@ -124,7 +162,8 @@ def main(argv):
                     on_missing_text=FLAGS.on_missing_text, tokenizer=FLAGS.tokenizer, seed=FLAGS.seed,
                     data_workers=FLAGS.data_workers, z_loss=FLAGS.z_loss, data_format=FLAGS.data_format,
                     on_long=FLAGS.on_long, on_bad=FLAGS.on_bad, eval_data=FLAGS.eval_data,
-                    eval_every=FLAGS.eval_every, init_from=FLAGS.init_from, max_bad_steps=FLAGS.max_bad_steps)
+                    eval_every=FLAGS.eval_every, init_from=FLAGS.init_from, max_bad_steps=FLAGS.max_bad_steps,
+                    lora=lora, base_quant=FLAGS.base_dtype if FLAGS.base_dtype in ("int8", "fp8") else "")
     # after the flags above are checked, so a bad one leaves no directory behind; before anything compiles
     use_compilation_cache(FLAGS.compilation_cache_dir, storage.join(FLAGS.workdir, "compile_cache"))
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from k2jax.errors import DecodeError
+from k2jax.errors import CheckpointError, DecodeError
 from k2jax.model.config import Execution, K2Config, configure, from_hf_config
 from k2jax.model.init import init_model, place
 from k2jax.model.sharding import ShardingRules, batch_divisor, make_mesh
@@ -21,8 +21,9 @@ class Model:
     """A K2 model placed on a mesh: architecture, execution settings, mesh, rules, graphdef and the sharded state."""
 
     def __init__(self, config: K2Config, graphdef, state, mesh: Mesh, rules: ShardingRules, tokenizer=None, *,
-                 execution: Execution | None = None):
+                 execution: Execution | None = None, lora=None):
         self.config, self.graphdef, self.state, self.mesh, self.rules = config, graphdef, state, mesh, rules
+        self.lora = lora  # the LoraConfig of a model carrying unmerged adapters
         self.execution = execution or Execution()
         self.tokenizer = tokenizer
         self._samplers = {}
@@ -32,8 +33,9 @@ class Model:
         from k2jax.model.init import abstract_model
 
         execution = (execution or self.execution).replace(**changes)
-        graphdef, _ = abstract_model(self.config, self.rules, execution=execution)
-        return Model(self.config, graphdef, self.state, self.mesh, self.rules, self.tokenizer, execution=execution)
+        graphdef, _ = abstract_model(self.config, self.rules, execution=execution, lora=self.lora)
+        return Model(self.config, graphdef, self.state, self.mesh, self.rules, self.tokenizer, execution=execution,
+                     lora=self.lora)
 
     def attach_tokenizer(self, tokenizer_or_path) -> "Model":
         """Attaches a k2jax Tokenizer (or the path of a tiktoken.model), checked against the config."""
@@ -145,11 +147,13 @@ def load_hf(hf_dir: str, mesh: Mesh | str | None = None, dtype="float32", *, rul
 
 
 def load(path: str, mesh: Mesh | str | None = None, dtype=None, *, rules: ShardingRules | None = None,
-         execution: Execution | None = None, **overrides) -> Model:
+         execution: Execution | None = None, merge: bool = False, base: str = "", **overrides) -> Model:
     """Loads a k2jax checkpoint (converted or trained) into a Model on `mesh`, each shard restored in place.
 
     `path`: a step directory, or a directory of steps (the latest complete one is used). The parameters keep
     the dtype they were saved in, and compute in it too, unless `dtype` or `execution` say otherwise.
+    A LoRA run's checkpoint loads its recorded base (or `base`, which must hash the same) with the adapters
+    applied unmerged, or folded into the base kernels with `merge=True`.
     """
     from k2jax.ckpt.orbax import check_shapes, read_config, resolve_step_dir, restore_model_state
 
@@ -158,10 +162,43 @@ def load(path: str, mesh: Mesh | str | None = None, dtype=None, *, rules: Shardi
     if execution is None:
         execution = Execution(param_dtype=saved_dtype, dtype=saved_dtype)
     config, execution = _settings(saved, execution, dtype, overrides)
+    from k2jax.ckpt.lora import read_lora
+
+    lora = read_lora(step_dir)
+    if lora is None and (merge or base):
+        raise CheckpointError(f"{'merge' if merge else 'base'}: {step_dir} is a full model's checkpoint, not a LoRA "
+                              "run's (nothing to merge, no base to name)")
+    if lora is not None:
+        return _load_lora(step_dir, lora, config, execution, _mesh(mesh), rules, merge, base)
     p = place(config, _mesh(mesh), rules, execution)
     check_shapes(step_dir, p.abstract)
     state = restore_model_state(step_dir, p.abstract, p.shardings)
     return Model(config, p.graphdef, state, p.mesh, p.rules, execution=p.execution)
+
+
+def _load_lora(step_dir, lora_rec, config, execution, mesh, rules, merge: bool, base: str) -> Model:
+    """A LoRA run's Model: its base (checked by hash) and adapters, unmerged or merged."""
+    from k2jax.ckpt.lora import check_base, load_base
+    from k2jax.ckpt.orbax import check_shapes, restore_model_state
+    from k2jax.model.adapters import merged_jit
+    from k2jax.model.params import LoraParam
+
+    lora, ref = lora_rec
+    base_path = check_base(ref, step_dir, base, flag="base")
+    p = place(config, mesh, rules, execution, lora=lora)
+    abstract_base = nnx.filter_state(p.abstract, nnx.Not(LoraParam))
+    abstract_ad = nnx.filter_state(p.abstract, LoraParam)
+    check_shapes(step_dir, abstract_ad)
+    adapters = restore_model_state(step_dir, abstract_ad, nnx.filter_state(p.shardings, LoraParam))
+    base_state = load_base(base_path, config, abstract_base, nnx.filter_state(p.shardings, nnx.Not(LoraParam)),
+                           flag="base")
+    state = nnx.merge_state(base_state, adapters)
+    if not merge:
+        return Model(config, p.graphdef, state, p.mesh, p.rules, execution=p.execution, lora=lora)
+    plain = place(config, mesh, rules, execution)
+    with jax.set_mesh(mesh):
+        merged = merged_jit(state, lora.scale, plain.shardings)
+    return Model(config, plain.graphdef, merged, plain.mesh, plain.rules, execution=plain.execution)
 
 
 def random_model(config: K2Config, mesh: Mesh | str | None = None, *, rules: ShardingRules | None = None,

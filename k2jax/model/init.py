@@ -19,10 +19,11 @@ def _is_var(x) -> bool:
 
 
 def abstract_model(config: K2Config, rules: ShardingRules | None = None, seed: int = 0,
-                   execution: Execution | None = None):
-    """(graphdef, abstract state): a Transformer's structure and ShapeDtypeStructs, no weights allocated."""
+                   execution: Execution | None = None, lora=None):
+    """(graphdef, abstract state): a Transformer's structure and ShapeDtypeStructs, no weights allocated (with
+    `lora`, a LoraConfig, its adapters too)."""
     rules = rules or ShardingRules()
-    model = nnx.eval_shape(lambda: Transformer(config, rules, execution, rngs=nnx.Rngs(seed)))
+    model = nnx.eval_shape(lambda: Transformer(config, rules, execution, rngs=nnx.Rngs(seed), lora=lora))
     return nnx.split(model)
 
 
@@ -43,6 +44,7 @@ class Placement:
     graphdef: object
     abstract: object
     shardings: object
+    lora: object = None  # the LoraConfig of a model with adapters
 
     def shaped(self):
         """The abstract state as ShapeDtypeStructs carrying their shardings (for restores and AOT lowering)."""
@@ -51,26 +53,29 @@ class Placement:
 
 
 def place(config: K2Config, mesh: Mesh, rules: ShardingRules | None = None, execution: Execution | None = None,
-          seed: int = 0) -> Placement:
+          seed: int = 0, lora=None) -> Placement:
     """Checks the rules and the mesh against the config (errors name the field), then lays the model out."""
     rules = rules or ShardingRules()
     execution = execution or Execution()
     rules.check()
     check_divisible(config, mesh, rules)
-    graphdef, abstract = abstract_model(config, rules, seed, execution)
-    return Placement(config, execution, mesh, rules, graphdef, abstract, state_shardings(abstract, mesh, rules))
+    graphdef, abstract = abstract_model(config, rules, seed, execution, lora)
+    return Placement(config, execution, mesh, rules, graphdef, abstract, state_shardings(abstract, mesh, rules), lora)
 
 
 def init_model(config: K2Config, mesh: Mesh, rules: ShardingRules | None = None, seed: int = 0,
-               execution: Execution | None = None):
-    """(graphdef, state) with random weights; each shard is created on the device the mesh puts it."""
-    p = place(config, mesh, rules, execution, seed)
+               execution: Execution | None = None, lora=None, only=None):
+    """(graphdef, state) with random weights; each shard is created on the device the mesh puts it. `only`: an
+    nnx filter of the variables to create (e.g. LoraParam: a LoRA run's fresh adapters over a loaded base)."""
+    p = place(config, mesh, rules, execution, seed, lora)
+    shardings = p.shardings if only is None else nnx.filter_state(p.shardings, only)
 
     def make():
-        return nnx.state(Transformer(config, p.rules, p.execution, rngs=nnx.Rngs(seed)))
+        state = nnx.state(Transformer(config, p.rules, p.execution, rngs=nnx.Rngs(seed), lora=lora))
+        return state if only is None else nnx.filter_state(state, only)
 
     with jax.set_mesh(mesh):
-        state = jax.jit(make, out_shardings=p.shardings)()
+        state = jax.jit(make, out_shardings=shardings)()
     return p.graphdef, state
 
 

@@ -16,6 +16,10 @@ class RouterBias(nnx.Variable):
     """MoE e_score_correction_bias: model state moved by load balancing, not by gradients."""
 
 
+class LoraParam(nnx.Param):
+    """A low-rank adapter's A or B: the only parameters a LoRA run trains (the base stays frozen)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
     """One parameter's facts (axes without the stacked `layers` axis; `hf` relative to `model.layers.N.` for
@@ -24,7 +28,8 @@ class ParamSpec:
     axes: tuple[str | None, ...]
     hf: str
     group: str  # "muon" | "adam" (with weight decay) | "adam_nodecay" | "router_bias" (not trained by gradients)
-    init: str = "normal"  # normal(initializer_range) | ones | zeros
+    # | "lora" (an adapter of a LoRA run: AdamW; the only trained group then)
+    init: str = "normal"  # normal(initializer_range) | ones | zeros | fan_in (normal, std 1/sqrt(fan_in): LoRA's A)
     float32: bool = False  # kept float32 whatever Execution.param_dtype
     muon: str = "matrix"  # matrix | per_head (q_b, kv_b: [in, heads, out]) | heads_in (o: one [heads*v, d]) | kv_a
     qk_clip: str | None = None  # "q" (q_b) or "k" (kv_b): rescaled by QK-Clip
@@ -33,7 +38,7 @@ class ParamSpec:
 
     @property
     def kind(self) -> type[nnx.Variable]:
-        return RouterBias if self.group == "router_bias" else nnx.Param
+        return {"router_bias": RouterBias, "lora": LoraParam}.get(self.group, nnx.Param)
 
 
 def _norm(hf: str) -> ParamSpec:
@@ -81,6 +86,46 @@ MOE_FFN = {
     "mlp.wd": ParamSpec(("experts", "expert_mlp", "expert_embed"), "mlp.experts.{e}.down_proj.weight", "muon"),
     **_mlp("mlp.shared", "mlp.shared_experts"),
 }
+
+# LoRA targets (k2jax-train --lora_targets): group name -> the declared projections it adapts
+LORA_TARGETS = {
+    "attn": ("attn.q_a", "attn.q_b", "attn.kv_a", "attn.kv_b", "attn.o"),
+    "dense_mlp": ("mlp.gate", "mlp.up", "mlp.down"),
+    "shared": ("mlp.shared.gate", "mlp.shared.up", "mlp.shared.down"),
+    "experts": ("mlp.wg", "mlp.wu", "mlp.wd"),
+}
+EXPERT_KERNELS = LORA_TARGETS["experts"]
+
+
+def lora_split(key: str, spec: ParamSpec) -> tuple[tuple, tuple, tuple]:
+    """(leading axes, input axes, output axes) of an adaptable kernel: the experts' leading `experts` axis is
+    kept on both factors; `hf_in_dims` leading dims form the input (o: [heads, v])."""
+    lead = spec.axes[:1] if key in EXPERT_KERNELS else ()
+    rest = spec.axes[len(lead):]
+    return lead, rest[:spec.hf_in_dims], rest[spec.hf_in_dims:]
+
+
+def _lora_specs(table: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+    """The adapter factors of every adaptable kernel in `table`: `<key>_lora.a` [lead, in..., r] (random) and
+    `<key>_lora.b` [lead, r, out...] (zeros, so an adapted model starts exactly at its base), kept float32.
+    `hf` is the PEFT module name (none for the routed experts, which PEFT holds as fused parameters)."""
+    out = {}
+    targets = {k for keys in LORA_TARGETS.values() for k in keys}
+    for key, spec in table.items():
+        if key not in targets:
+            continue
+        lead, ins, outs = lora_split(key, spec)
+        module = "" if key in EXPERT_KERNELS else spec.hf.removesuffix(".weight")
+        out[f"{key}_lora.a"] = ParamSpec(lead + ins + ("lora_rank",), module and f"{module}.lora_A.weight", "lora",
+                                         init="fan_in", float32=True, hf_in_dims=len(ins))
+        out[f"{key}_lora.b"] = ParamSpec(lead + ("lora_rank",) + outs, module and f"{module}.lora_B.weight", "lora",
+                                         init="zeros", float32=True, hf_in_dims=1)
+    return out
+
+
+BLOCK.update(_lora_specs(BLOCK))
+DENSE_FFN.update(_lora_specs(DENSE_FFN))
+MOE_FFN.update(_lora_specs(MOE_FFN))
 
 # the stacks of blocks (each parameter with a leading `layers` axis): name -> block parameters
 STACKS = {"dense_layers": {**BLOCK, **DENSE_FFN}, "moe_layers": {**BLOCK, **MOE_FFN}}

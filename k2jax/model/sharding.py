@@ -39,6 +39,7 @@ DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
     "expert_mlp": ("tensor",),
     "router_experts": (),
     "norm": (),
+    "lora_rank": (),  # the rank dim of LoRA adapters (small: never split)
 }
 
 # Training's changes to the table: the dense weights (attention, dense/shared MLP, embedding, lm_head) are also

@@ -40,64 +40,68 @@ ACT = ("batch", "act_seq", "act_embed")
 class Block(nnx.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then h + ffn(norm(h)) with a dense MLP or the MoE."""
 
-    def __init__(self, config: K2Config, execution: Execution, rules: ShardingRules, moe: bool, *, rngs: nnx.Rngs):
+    def __init__(self, config: K2Config, execution: Execution, rules: ShardingRules, moe: bool, *, rngs: nnx.Rngs,
+                 lora=None):
         c, run = config, execution
         self.attn_norm = RMSNorm("attn_norm", c.hidden_size, c, run, rngs=rngs)
-        self.attn = MLAttention(c, run, rules, rngs=rngs)
+        self.attn = MLAttention(c, run, rules, rngs=rngs, lora=lora)
         self.mlp_norm = RMSNorm("mlp_norm", c.hidden_size, c, run, rngs=rngs)
-        self.mlp = MoE(c, run, rules, rngs=rngs) if moe else MLP("mlp", c.hidden_size, c.intermediate_size, c, run,
-                                                                 rngs=rngs)
+        self.mlp = (MoE(c, run, rules, rngs=rngs, lora=lora) if moe
+                    else MLP("mlp", c.hidden_size, c.intermediate_size, c, run, rngs=rngs, lora=lora))
         self.is_moe, self.rules = moe, rules
 
     def __call__(self, x_btd, cos, sin, segment_ids=None, cache=None, *, layer=None, positions_bt=None,
-                 experts=None, cache_len=None):
+                 experts=None, cache_len=None, key=None):
         """(y [b, t, d], cache, stats). `cache` with `layer` and `positions_bt`: see MLAttention; `experts`:
-        the stacked routed kernels and this layer's index, read in place (inference)."""
+        the stacked routed kernels and this layer's index, read in place (inference); `key`: this layer's
+        adapter-dropout key (a LoRA run's training)."""
         h, max_logit, cache = self.attn(self.attn_norm(x_btd), cos, sin, segment_ids, cache=cache, layer=layer,
-                                        positions_bt=positions_bt, cache_len=cache_len)
+                                        positions_bt=positions_bt, cache_len=cache_len, key=key)
         h = constrain(x_btd + h, self.rules, ACT)
         stats = {} if max_logit is None else {"max_logit": max_logit}
         if self.is_moe:
             mask = None if segment_ids is None else segment_ids != 0
-            y, moe_stats = self.mlp(self.mlp_norm(h), mask, stacked=experts, stats=cache is None)
+            y, moe_stats = self.mlp(self.mlp_norm(h), mask, stacked=experts, stats=cache is None, key=key)
             stats.update(moe_stats)
         else:
-            y = self.mlp(self.mlp_norm(h))
+            y = self.mlp(self.mlp_norm(h), key)
         return constrain(h + y, self.rules, ACT), cache, stats
 
 
-def _stack(config, execution, rules, moe: bool, n: int, rngs: nnx.Rngs) -> Block:
+def _stack(config, execution, rules, moe: bool, n: int, rngs: nnx.Rngs, lora=None) -> Block:
     """n Blocks with parameters stacked on a leading 'layers' axis (for lax.scan)."""
 
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(r):
-        return Block(config, execution, rules, moe, rngs=r)
+        return Block(config, execution, rules, moe, rngs=r, lora=lora)
 
     return make(rngs)
 
 
 class Transformer(nnx.Module):
-    """Kimi K2 / DeepSeek-V3 decoder. `__call__(tokens [b, t]) -> logits [b, t, vocab]` in float32."""
+    """Kimi K2 / DeepSeek-V3 decoder. `__call__(tokens [b, t]) -> logits [b, t, vocab]` in float32.
+
+    With `lora` (a LoraConfig), the targeted projections carry low-rank adapters (LoraParam variables)."""
 
     def __init__(self, config: K2Config, rules: ShardingRules | None = None, execution: Execution | None = None, *,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, lora=None):
         c, run = config, execution or Execution()
         rules = rules or ShardingRules()
         self.embed = param(rngs, "embed", (c.vocab_size, c.hidden_size), c, run)
         n = {"dense_layers": c.num_dense_layers, "moe_layers": c.num_moe_layers}
         for name in STACKS:
-            setattr(self, name, _stack(c, run, rules, name == "moe_layers", n[name], rngs) if n[name] else None)
+            setattr(self, name, _stack(c, run, rules, name == "moe_layers", n[name], rngs, lora) if n[name] else None)
         self.final_norm = RMSNorm("final_norm", c.hidden_size, c, run, rngs=rngs)
         self.lm_head = param(rngs, "lm_head", (c.vocab_size, c.hidden_size), c, run)
-        self.config, self.execution, self.rules = c, run, rules
+        self.config, self.execution, self.rules, self.lora = c, run, rules, lora
 
     def stacks(self):
         """(name, stacked Block) of each non-empty stack, in layer order."""
         return [(name, getattr(self, name)) for name in STACKS if getattr(self, name) is not None]
 
     def forward(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, cache: dict | None = None,
-                cache_len: int | None = None, select_b=None, head: bool = True):
+                cache_len: int | None = None, select_b=None, head: bool = True, dropout_key=None):
         """(out, cache, stats): the one forward pass of training, prefill and decode.
 
         out: float32 logits [b, t, vocab], or hidden states [b, t, d] after the final norm with head=False;
@@ -105,7 +109,8 @@ class Transformer(nnx.Module):
         cache: {stack name: that stack's cache} (k2jax.model.cache), written at `positions_bt`; the updated
         cache is returned (None without one). cache_len (static): attend over the cache's first slots only,
         when every position is below it (a prompt written from position 0 needs its own length only). stats: per-layer statistics stacked over layers, keyed by
-        stack (max attention logits, expert loads, balance loss), without a cache only.
+        stack (max attention logits, expert loads, balance loss), without a cache only. dropout_key: the
+        adapters' dropout in a LoRA run's training (none without it).
         """
         c = self.config
         b, t = tokens_bt.shape
@@ -116,10 +121,11 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dtype_of(self.execution.dtype))
         x = constrain(x, self.rules, ACT)
         stats, new_cache = {}, None if cache is None else {}
-        for name, stack in self.stacks():
+        for i, (name, stack) in enumerate(self.stacks()):
             layer_cache = None if cache is None else cache[name]
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
             x, layer_cache, stats[name] = self._run_stack(stack, x, cos, sin, segment_ids_bt, layer_cache,
-                                                          positions_bt, cache_len)
+                                                          positions_bt, cache_len, key)
             if cache is not None:
                 new_cache[name] = layer_cache
         h = self.final_norm(x)
@@ -127,20 +133,21 @@ class Transformer(nnx.Module):
             h = jnp.take_along_axis(h, select_b[:, None, None], axis=1)[:, 0]
         return (self.logits_from_hidden(h) if head else h), new_cache, stats
 
-    def _run_stack(self, stack: Block, x, cos, sin, segment_ids, cache, positions_bt, cache_len):
+    def _run_stack(self, stack: Block, x, cos, sin, segment_ids, cache, positions_bt, cache_len, key=None):
         graphdef, state = nnx.split(stack)
         n = jax.tree.leaves(state)[0].shape[0]
-        # with a cache (inference) each MoE layer gets the stacked kernels and its index, so only the chosen
-        # experts are read, in place; the scan's own slice of them then goes unused and is not computed
-        experts = (stack.mlp.wg[...], stack.mlp.wu[...], stack.mlp.wd[...]) if cache is not None and stack.is_moe \
-            else None
+        # with a cache (inference) each MoE layer gets the stacked kernels (and adapters) and its index, so only
+        # the chosen experts are read, in place; the scan's own slice of them then goes unused and is not computed
+        experts = (stack.mlp.wg[...], stack.mlp.wu[...], stack.mlp.wd[...], stack.mlp.expert_adapters()) \
+            if cache is not None and stack.is_moe else None
 
         def body(carry, inp):
             h, cache = carry
             layer_state, layer = inp
             blk = nnx.merge(graphdef, layer_state)
             h, cache, s = blk(h, cos, sin, segment_ids, cache, layer=layer, positions_bt=positions_bt,
-                              experts=None if experts is None else (*experts, layer), cache_len=cache_len)
+                              experts=None if experts is None else (*experts, layer), cache_len=cache_len,
+                              key=None if key is None else jax.random.fold_in(key, layer))
             return (h, cache), s
 
         run = self.execution

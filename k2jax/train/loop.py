@@ -22,6 +22,7 @@ from k2jax.errors import ConfigError, TrainingError
 from k2jax.hardware import peak_flops_per_device
 from k2jax.model.config import Execution, K2Config
 from k2jax.model.init import param_count
+from k2jax.model.layers.lora import LoraConfig
 from k2jax.train.metrics import MetricsWriter
 from k2jax.train.optim import OptimConfig
 from k2jax.train.resume import start_state, train_save_args
@@ -55,6 +56,8 @@ class RunConfig:
     eval_every: int = 0
     init_from: str = ""  # a k2jax checkpoint or an HF folder whose weights start the run (not its optimizer)
     max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
+    lora: LoraConfig | None = None  # train low-rank adapters over the frozen --init_from base
+    base_quant: str = ""  # LoRA: hold the base as "int8" (per output channel) or "fp8" (128x128 blocks)
 
     def __post_init__(self):
         """Flag combinations that would otherwise be ignored silently, refused naming the flag."""
@@ -62,6 +65,9 @@ class RunConfig:
             raise ConfigError(f"--data_format: expected 'text' or 'chat', got {self.data_format!r}")
         if self.data_format == "chat" and not self.data:
             raise ConfigError("--data_format=chat needs --data=FILE.jsonl (the embedded corpus is plain text)")
+        if self.lora is not None and not self.init_from:
+            raise ConfigError("--lora_rank needs --init_from=BASE (an HF folder or a k2jax checkpoint): the adapters "
+                              "are trained over those frozen weights")
         if self.max_bad_steps < 1:
             raise ConfigError(f"--max_bad_steps={self.max_bad_steps}: must be at least 1")
         if bool(self.eval_data) != (self.eval_every > 0):
@@ -133,6 +139,10 @@ def compile_step(trainer: Trainer, state, batch, config: K2Config, run: RunConfi
     log(f"train step {how} in {time.perf_counter() - t0:.1f} s")
     total, active = param_count(config)
     log(f"model: {total:,} parameters, {active:,} active per token")
+    if trainer.lora is not None:
+        n = sum(x.size for x in jax.tree.leaves(trainer.abstract_params))
+        log(f"LoRA: {n:,} adapter parameters trained ({100 * n / total:.2f}% of the base, which stays frozen"
+            + (f", held as {trainer.base_quant})" if trainer.base_quant else ")"))
     log(f"mesh: {dict(trainer.mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
         f"{jax.process_count()} process(es)")
     mem = compiled.memory_analysis()
@@ -242,7 +252,7 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print,
     check_paths(run)
     source, tok_path = open_data(run, config, log)
     trainer = Trainer(config, optim, mesh, loss=LossConfig(z_loss=run.z_loss), microbatches=run.microbatches,
-                      execution=execution)
+                      execution=execution, lora=run.lora, seed=run.seed, base_quant=run.base_quant)
     mgr = ckpt.manager(run.workdir, max_to_keep=run.keep, save_interval_steps=1, async_save=run.async_save)
     state, data_state, step = start_state(trainer, mgr, run, log)
     it = iter(make_dataset(source, tok_path, seq_len=run.seq, batch_size=run.batch // nproc, seed=run.seed,

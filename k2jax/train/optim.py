@@ -164,7 +164,8 @@ def make_optimizer(o: OptimConfig, params, kv_lora_rank: int, layer_loop: bool =
     adam = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     adam_nodecay = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=0.0)
     if o.optimizer == "adamw":
-        inner = optax.multi_transform({"muon": adam, "adam": adam, "adam_nodecay": adam_nodecay}, groups)
+        inner = optax.multi_transform({"muon": adam, "adam": adam, "adam_nodecay": adam_nodecay, "lora": adam},
+                                      groups)
     else:
         mu = optax.chain(muon(momentum=o.muon_momentum, weight_decay=o.weight_decay, ns_steps=o.ns_steps,
                               kv_lora_rank=kv_lora_rank, layer_loop=layer_loop),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -14,7 +15,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from k2jax.model.config import Execution, K2Config
 from k2jax.model.init import init_model, param_count, place, state_shardings
-from k2jax.model.params import RouterBias, state_path
+from k2jax.errors import CheckpointError, ConfigError, TrainingError
+from k2jax.model.layers.lora import LoraConfig
+from k2jax.model.params import LoraParam, RouterBias, state_path
 from k2jax.model.sharding import ShardingRules
 from k2jax.train.loss import chunked_cross_entropy, next_token_targets
 from k2jax.train.optim import OptimConfig, make_optimizer, make_schedule, qk_clip
@@ -23,7 +26,9 @@ from k2jax.train.optim import OptimConfig, make_optimizer, make_schedule, qk_cli
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
-    """Everything a step changes: trained params, router biases (state), optimizer state, step."""
+    """Everything a step changes: trained params, router biases (state), optimizer state, step. In a LoRA run the
+    params are the adapters and `bias` is empty: the base (router biases included) is frozen, held by the Trainer
+    and passed to the step apart from this state."""
 
     params: Any
     bias: Any
@@ -42,15 +47,34 @@ class Trainer:
     """Builds the train state and the jitted train step for one model/optimizer/mesh."""
 
     def __init__(self, config: K2Config, optim: OptimConfig, mesh: Mesh, rules: ShardingRules | None = None,
-                 loss: LossConfig = LossConfig(), microbatches: int = 1, execution: Execution | None = None):
-        p = self.placement = place(config, mesh, rules or ShardingRules().for_training(), execution)
+                 loss: LossConfig = LossConfig(), microbatches: int = 1, execution: Execution | None = None,
+                 lora: LoraConfig | None = None, seed: int = 0, base_quant: str = ""):
+        if lora is not None and optim.optimizer != "adamw":
+            raise ConfigError(f"--lora_rank: adapters are trained with AdamW (MuonClip orthogonalises full weight "
+                              f"matrices); got optimizer={optim.optimizer!r}: drop it or set --opt optimizer=adamw")
+        p = self.placement = place(config, mesh, rules or ShardingRules().for_training(), execution, lora=lora)
         self.config, self.execution, self.optim, self.mesh, self.rules = config, p.execution, optim, mesh, p.rules
-        self.loss_cfg, self.microbatches = loss, microbatches
-        self.graphdef, abs_params, abs_bias = nnx.split(nnx.merge(p.graphdef, p.abstract), nnx.Param, RouterBias)
-        self.abstract_params, self.abstract_bias = abs_params, abs_bias
+        self.loss_cfg, self.microbatches, self.lora, self.seed = loss, microbatches, lora, seed
+        # trained / moved by load balancing / frozen: a LoRA run trains its adapters only, the rest is its base
+        filters = (nnx.Param, RouterBias, ...) if lora is None else (LoraParam, nnx.Nothing, ...)
+        self.graphdef, abs_params, abs_bias, abs_base = nnx.split(nnx.merge(p.graphdef, p.abstract), *filters)
+        self.abstract_params, self.abstract_bias, self.abstract_base = abs_params, abs_bias, abs_base
         self.tx = make_optimizer(optim, abs_params, config.kv_lora_rank, layer_loop=p.execution.scan_layers)
         shard = lambda t: state_shardings(t, mesh, self.rules)  # noqa: E731
         self.param_shardings, self.bias_shardings = shard(abs_params), shard(abs_bias)
+        self.base_shardings = shard(abs_base)
+        # what a base is read as (before any quantisation): load_weights reads into these
+        self.abstract_base_source, self.base_source_shardings = abs_base, self.base_shardings
+        self.base = abs_base if lora is None else None  # a LoRA run's frozen weights, once loaded (init_state)
+        self.base_quant = base_quant  # "int8" | "fp8": a LoRA run's base held quantised (k2jax.model.quant)
+        if base_quant:
+            from k2jax.model.quant import quantize_base, quantized_shardings
+
+            if lora is None:
+                raise ConfigError(f"--base_dtype={base_quant}: a quantised base is frozen, for LoRA runs only "
+                                  "(add --lora_rank=R)")
+            self.base_shardings = quantized_shardings(self.base_shardings, base_quant, mesh)
+            self.abstract_base = jax.eval_shape(lambda b: quantize_base(b, base_quant), abs_base)
         self.replicated = NamedSharding(mesh, P())
         opt_abs = jax.eval_shape(self.tx.init, abs_params)
         self.opt_shardings = _opt_shardings(self.tx, opt_abs, self.param_shardings, self.replicated)
@@ -60,11 +84,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def init_state(self, seed: int = 0, model_state=None) -> TrainState:
-        """A fresh TrainState (random init unless `model_state` is given), every shard created in place."""
-        if model_state is None:
-            _, model_state = init_model(self.config, self.mesh, self.rules, seed, self.execution)
-        _, params, bias = nnx.split(nnx.merge(self.graphdef, nnx.filter_state(model_state, nnx.Param),
-                                              nnx.filter_state(model_state, RouterBias)), nnx.Param, RouterBias)
+        """A fresh TrainState (random init unless `model_state` is given), every shard created in place.
+
+        In a LoRA run `model_state` is the base (without adapters; random if None): it becomes `self.base`, and
+        the adapters start fresh (B = 0: the model starts exactly at its base)."""
+        if self.lora is not None:
+            if model_state is None:
+                _, model_state = init_model(self.config, self.mesh, self.rules, seed, self.execution)
+            self.set_base(model_state)
+            _, params = init_model(self.config, self.mesh, self.rules, seed, self.execution, self.lora,
+                                   only=LoraParam)
+            bias = nnx.State({})
+        else:
+            if model_state is None:
+                _, model_state = init_model(self.config, self.mesh, self.rules, seed, self.execution)
+            _, params, bias = nnx.split(nnx.merge(self.graphdef, nnx.filter_state(model_state, nnx.Param),
+                                                  nnx.filter_state(model_state, RouterBias)), nnx.Param, RouterBias)
 
         def make(params, bias):
             return TrainState(params, bias, self.tx.init(params), jnp.zeros((), jnp.int32))
@@ -79,17 +114,39 @@ class Trainer:
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                             self.state_shardings)
 
+    def set_base(self, base_state) -> None:
+        """Holds a LoRA run's frozen base (an nnx.State of the model without adapters), checked against the
+        base this run expects (every tensor by path and shape) and placed in the trainer's shardings."""
+        want = {"/".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(self.abstract_base_source)}
+        have = {"/".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(base_state)}
+        for name, shape in want.items():
+            if have.get(name) != shape:
+                raise CheckpointError(f"LoRA base: tensor {name} is {'missing' if name not in have else have[name]}"
+                                      f", expected shape {list(shape)}")
+        base_state = nnx.filter_state(base_state, nnx.Not(LoraParam))
+        if self.base_quant:  # quantised under jit, each array straight into its shards
+            from k2jax.model.quant import quantize_base
+
+            with jax.set_mesh(self.mesh):
+                self.base = jax.jit(lambda b: quantize_base(b, self.base_quant),
+                                    out_shardings=self.base_shardings)(base_state)
+            return
+        base = jax.tree.map(lambda x: x, self.abstract_base)
+        nnx.replace_by_pure_dict(base, nnx.to_pure_dict(base_state))
+        self.base = jax.device_put(base, self.base_shardings)
+
     def model_state(self, state: TrainState):
-        """The model's nnx.State (params + router biases), e.g. for k2jax.Model or a checkpoint."""
-        return nnx.state(nnx.merge(self.graphdef, state.params, state.bias))
+        """The model's nnx.State (params + router biases, and a LoRA run's base), e.g. for k2jax.Model."""
+        return nnx.state(nnx.merge(self.graphdef, state.params, state.bias, self.base))
 
     # ------------------------------------------------------------------ step
-    def loss_fn(self, params, bias, batch):
-        """(sum of token losses + balance/z terms, aux) for one microbatch; sums, normalised by the caller."""
+    def loss_fn(self, params, bias, batch, base=None, key=None):
+        """(sum of token losses + balance/z terms, aux) for one microbatch; sums, normalised by the caller.
+        `base`: a LoRA run's frozen weights; `key`: its adapters' dropout key."""
         c = self.config
-        model = nnx.merge(self.graphdef, params, bias)
+        model = nnx.merge(self.graphdef, params, bias, base if base is not None else self.abstract_base)
         tokens, seg, pos = batch["tokens"], batch.get("segment_ids"), batch.get("positions")
-        h, _, stats = model.forward(tokens, pos, seg, head=False)
+        h, _, stats = model.forward(tokens, pos, seg, head=False, dropout_key=key)
         targets, mask = next_token_targets(tokens, seg, batch.get("weights"))
         b, t, d = h.shape
         ce, z, max_abs_logit = chunked_cross_entropy(
@@ -104,9 +161,9 @@ class Trainer:
                "max_abs_logit": max_abs_logit}
         return total, alpha, aux
 
-    def _grads(self, params, bias, batch):
-        def objective(p, mb, n_tokens, n_seq):
-            total, alpha, aux = self.loss_fn(p, bias, mb)
+    def _grads(self, params, bias, batch, base=None, key=None):
+        def objective(p, mb, n_tokens, n_seq, key=key):
+            total, alpha, aux = self.loss_fn(p, bias, mb, base, key)
             return total / n_tokens + alpha * aux["balance_sum"] / n_seq, aux
 
         n = self.microbatches
@@ -120,14 +177,15 @@ class Trainer:
             return loss, grads, aux
         micro = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
-        def body(carry, mb):
+        def body(carry, inp):
             loss_acc, grad_acc = carry
-            (loss, aux), g = grad_fn(params, mb, n_tokens, n_seq)
+            mb, i = inp
+            (loss, aux), g = grad_fn(params, mb, n_tokens, n_seq, None if key is None else jax.random.fold_in(key, i))
             return (loss_acc + loss, jax.tree.map(lambda a, b: a + b.astype(a.dtype), grad_acc, g)), aux
 
         f32 = self.optim.grad_accum_dtype == "float32"
         zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32 if f32 else p.dtype), params)
-        (loss, grads), auxs = jax.lax.scan(body, (jnp.zeros(()), zeros), micro)
+        (loss, grads), auxs = jax.lax.scan(body, (jnp.zeros(()), zeros), (micro, jnp.arange(n)))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         aux = {"ce_sum": auxs["ce_sum"].sum(), "tokens": auxs["tokens"].sum(), "balance_sum": auxs["balance_sum"].sum(),
                "sequences": auxs["sequences"].sum(), "max_logit": jax.tree.map(lambda x: x.max(0), auxs["max_logit"]),
@@ -135,10 +193,14 @@ class Trainer:
                "max_abs_logit": auxs["max_abs_logit"].max()}
         return loss, grads, aux
 
-    def step_fn(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-        """One optimizer step on a global batch {tokens, segment_ids, positions} [batch, seq]."""
+    def step_fn(self, state: TrainState, batch, base=None) -> tuple[TrainState, dict]:
+        """One optimizer step on a global batch {tokens, segment_ids, positions} [batch, seq] (`base`: a LoRA
+        run's frozen weights)."""
         c, o = self.config, self.optim
-        loss, grads, aux = self._grads(state.params, state.bias, batch)
+        key = None
+        if self.lora is not None and self.lora.dropout > 0:  # a function of the step: a resumed run draws the same
+            key = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step)
+        loss, grads, aux = self._grads(state.params, state.bias, batch, base, key)
         # one pass over the gradients gives the global norm and, per parameter, whether it is finite (a NaN or
         # inf anywhere makes that parameter's sum of squares non-finite)
         sq = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)])
@@ -150,7 +212,8 @@ class Trainer:
         params = optax.apply_updates(state.params, updates)
         if o.optimizer == "muonclip":
             params = qk_clip(params, aux["max_logit"], o.qk_clip_tau, c.qk_nope_head_dim)
-        bias = update_router_bias(state.bias, aux["expert_load"], o.bias_update_rate)
+        bias = update_router_bias(state.bias, aux["expert_load"], o.bias_update_rate) if self.lora is None else \
+            state.bias  # a LoRA run's router biases are part of its frozen base
         metrics = {"loss": aux["ce_sum"] / jnp.maximum(aux["tokens"], 1.0), "objective": loss,
                    "grad_norm": grad_norm, "learning_rate": jnp.asarray(_lr(o, state.step)),
                    "tokens": aux["tokens"], "max_attention_logit": jnp.max(jnp.stack(
@@ -179,12 +242,12 @@ class Trainer:
     def jit_step(self):
         """The train step jitted with explicit in/out shardings and the state donated; every batch array
         ({tokens, segment_ids, positions[, weights]}) is split over the batch axes."""
-        return jax.jit(self.step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+        return jax.jit(self.step_fn, in_shardings=(self.state_shardings, self.batch_sharding, self.base_shardings),
                        out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
 
-    def eval_fn(self, params, bias, batch) -> dict:
+    def eval_fn(self, params, bias, batch, base=None) -> dict:
         """Sums over a batch of the held-out loss: {ce_sum, tokens, correct} (loss-weighted tokens only)."""
-        model = nnx.merge(self.graphdef, params, bias)
+        model = nnx.merge(self.graphdef, params, bias, base if base is not None else self.abstract_base)
         tokens, seg = batch["tokens"], batch.get("segment_ids")
         h, _, _ = model.forward(tokens, batch.get("positions"), seg, head=False)
         targets, mask = next_token_targets(tokens, seg, batch.get("weights"))
@@ -197,27 +260,36 @@ class Trainer:
     @functools.cached_property
     def jit_eval(self):
         """`eval_fn` jitted: (state, batch) -> sums, replicated."""
-        return jax.jit(lambda state, batch: self.eval_fn(state.params, state.bias, batch),
-                       in_shardings=(self.state_shardings, self.batch_sharding), out_shardings=self.replicated)
+        return jax.jit(lambda state, batch, base: self.eval_fn(state.params, state.bias, batch, base),
+                       in_shardings=(self.state_shardings, self.batch_sharding, self.base_shardings),
+                       out_shardings=self.replicated)
 
     def evaluate(self, state: TrainState, batches) -> dict:
         """Loss and next-token accuracy over `batches` (global batches), weighted by their loss tokens."""
         totals = {"ce_sum": 0.0, "tokens": 0.0, "correct": 0.0}
         with jax.set_mesh(self.mesh):
-            sums = [self.jit_eval(state, b) for b in batches]
+            sums = [self.jit_eval(state, b, self._base()) for b in batches]
         for s in jax.device_get(sums):
             totals = {k: totals[k] + float(s[k]) for k in totals}
         n = max(totals["tokens"], 1.0)
         return {"eval_loss": totals["ce_sum"] / n, "eval_accuracy": totals["correct"] / n,
                 "eval_tokens": totals["tokens"]}
 
+    def _base(self):
+        if self.base is None:
+            raise TrainingError("a LoRA run's base is not loaded: init_state(model_state=base) or set_base(base)")
+        return self.base
+
     def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
         with jax.set_mesh(self.mesh):
-            return self.jit_step(state, batch)
+            return self.jit_step(state, batch, self._base())
 
-    def lower(self, state, batch):
+    def lower(self, state, batch, base=None):
+        """The lowered step (`base`: a LoRA run's base, abstract or real; default the loaded one, else abstract)."""
+        if base is None:
+            base = self.base if self.base is not None else self.abstract_base
         with jax.set_mesh(self.mesh):
-            return self.jit_step.lower(state, batch)
+            return self.jit_step.lower(state, batch, base)
 
 
 def _lr(o: OptimConfig, step):
@@ -242,10 +314,27 @@ def _opt_shardings(tx, opt_abs, param_shardings, replicated):
                                  transform_non_params=lambda x: x if masked(x) else replicated, is_leaf=masked)
 
 
-def analytic_train_flops(config: K2Config, tokens: int, seq: int) -> float:
-    """6·active_params·tokens + attention (QK^T and PV, causal half, forward + backward)."""
+def analytic_train_flops(config: K2Config, tokens: int, seq: int, lora: LoraConfig | None = None) -> float:
+    """6·active_params·tokens + attention (QK^T and PV, causal half, forward + backward). A LoRA step computes no
+    base-weight gradient: 4·active·tokens for the base (forward and input gradients) + 6·active adapter
+    parameters·tokens."""
     _, active = param_count(config)
     c = config
     active_matmul = active - c.vocab_size * c.hidden_size  # the embedding lookup is not a matmul
     attn = 6 * c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq * tokens / 2
-    return 6.0 * active_matmul * tokens + attn
+    if lora is None:
+        return 6.0 * active_matmul * tokens + attn
+    return 4.0 * active_matmul * tokens + 6.0 * active_adapter_params(config, lora) * tokens + attn
+
+
+def active_adapter_params(config: K2Config, lora: LoraConfig) -> int:
+    """Adapter parameters one token goes through (the routed experts': its top-k experts' only)."""
+    from k2jax.model.init import abstract_model
+
+    _, abstract = abstract_model(config, lora=lora)
+    total = 0
+    for path, v in nnx.to_flat_state(nnx.filter_state(abstract, LoraParam)):
+        n = math.prod(v.shape)
+        total += n * config.num_experts_per_tok // config.n_routed_experts if "experts" in str(
+            v.get_metadata()["out_sharding"]) else n
+    return total

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -24,8 +25,10 @@ def param(rngs: nnx.Rngs, key: str, shape: Sequence[int], config, execution) -> 
     spec = _DECLARED[key]
     assert len(shape) == len(spec.axes), (key, shape, spec.axes)
     dtype = jnp.float32 if spec.float32 else dtype_of(execution.param_dtype)
-    if spec.init == "normal":
-        value = (config.initializer_range * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    if spec.init in ("normal", "fan_in"):
+        fan_in = math.prod(shape[1 if spec.axes[0] == "experts" else 0:-1])  # an expert adapter: per expert
+        std = config.initializer_range if spec.init == "normal" else 1.0 / math.sqrt(fan_in)
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     else:
         value = jnp.full(shape, 1.0 if spec.init == "ones" else 0.0, dtype)
     return spec.kind(value, out_sharding=tuple(spec.axes), eager_sharding=False)
@@ -45,16 +48,29 @@ class RMSNorm(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up)); kernels [d, f] and [f, d]."""
+    """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up)); kernels [d, f] and [f, d]; with `lora`, the targeted
+    kernels carry adapters (`<kernel>_lora`)."""
 
-    def __init__(self, key: str, d: int, f: int, config, execution, *, rngs: nnx.Rngs):
+    def __init__(self, key: str, d: int, f: int, config, execution, *, rngs: nnx.Rngs, lora=None):
+        from k2jax.model.layers.lora import Adapter
+
         self.gate = param(rngs, f"{key}.gate", (d, f), config, execution)
         self.up = param(rngs, f"{key}.up", (d, f), config, execution)
         self.down = param(rngs, f"{key}.down", (f, d), config, execution)
+        for name, shapes in (("gate", ((d,), (f,))), ("up", ((d,), (f,))), ("down", ((f,), (d,)))):
+            adapted = lora is not None and lora.adapts(f"{key}.{name}")
+            setattr(self, f"{name}_lora", Adapter(f"{key}.{name}", *shapes, lora, config, execution, rngs=rngs)
+                    if adapted else None)
         self.dtype = dtype_of(execution.dtype)
 
-    def __call__(self, x_td: jax.Array) -> jax.Array:
+    def _project(self, name: str, eq: str, x: jax.Array, key) -> jax.Array:
+        y = jnp.einsum(eq, x, getattr(self, name)[...].astype(self.dtype))
+        adapter = getattr(self, f"{name}_lora")
+        return y if adapter is None else y + adapter(x, key)
+
+    def __call__(self, x_td: jax.Array, key=None) -> jax.Array:
+        """The feed-forward of x [..., d]; `key`: the adapters' dropout key (training)."""
         x = x_td.astype(self.dtype)
-        g = checkpoint_name(jnp.einsum("...d,df->...f", x, self.gate[...].astype(self.dtype)), "mlp_hidden")
-        u = checkpoint_name(jnp.einsum("...d,df->...f", x, self.up[...].astype(self.dtype)), "mlp_hidden")
-        return jnp.einsum("...f,fd->...d", jax.nn.silu(g) * u, self.down[...].astype(self.dtype))
+        g = checkpoint_name(self._project("gate", "...d,df->...f", x, key), "mlp_hidden")
+        u = checkpoint_name(self._project("up", "...d,df->...f", x, key), "mlp_hidden")
+        return self._project("down", "...f,fd->...d", jax.nn.silu(g) * u, key)

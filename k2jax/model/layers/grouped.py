@@ -27,6 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from k2jax.model.layers.expert_blocks import (ExpertLora, block_swiglu_lora, blocks_forward, kernel, lora_at,
+                                              ragged_lora, scan_blocks, swiglu_one)
+
 
 CPU_MIN_BLOCK = 64  # "auto" on CPU: fewer, larger blocks (see block_size_for)
 
@@ -48,26 +51,26 @@ def resolve_impl(impl: str, rows: int = 0, n_groups: int = 0) -> tuple[str, int]
     return ("loop" if rows <= n_groups else "blocks"), CPU_MIN_BLOCK
 
 
-def _kernel(w, layer, e, dtype):
-    """Expert e's kernel read in place from w [e, ...], or from w [layers, e, ...] at `layer`, in `dtype` (cast
-    after the read, so stacked kernels are never converted whole)."""
-    return (w[e] if layer is None else w[layer, e]).astype(dtype)
-
-
-def _gather_swiglu(x_td, idx_tk, w_tk, wg, wu, wd, layer=None):
+def _gather_swiglu(x_td, idx_tk, w_tk, wg, wu, wd, layer=None, lora=None, scale=1.0):
     """sum_k w[t,k]·SwiGLU_{idx[t,k]}(x[t]) with each assignment's expert weights gathered: [t,d] -> [t,d]."""
     n_exp, dtype = wg.shape[0 if layer is None else 1], x_td.dtype
     valid = (idx_tk >= 0) & (idx_tk < n_exp)
     e_tk = jnp.clip(idx_tk, 0, n_exp - 1)
-    g = jnp.einsum("td,tkdf->tkf", x_td, _kernel(wg, layer, e_tk, dtype), preferred_element_type=dtype)
-    u = jnp.einsum("td,tkdf->tkf", x_td, _kernel(wu, layer, e_tk, dtype), preferred_element_type=dtype)
-    y_tkd = jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(g) * u, _kernel(wd, layer, e_tk, dtype),
-                       preferred_element_type=dtype)
+    g = jnp.einsum("td,tkdf->tkf", x_td, kernel(wg, layer, e_tk, dtype), preferred_element_type=dtype)
+    u = jnp.einsum("td,tkdf->tkf", x_td, kernel(wu, layer, e_tk, dtype), preferred_element_type=dtype)
+    if lora is not None:  # inference: no dropout
+        ag, bg, au, bu, ad, bd = (kernel(a, layer, e_tk, dtype) for a in lora[:6])
+        g += scale * jnp.einsum("tkr,tkrf->tkf", jnp.einsum("td,tkdr->tkr", x_td, ag), bg)
+        u += scale * jnp.einsum("tkr,tkrf->tkf", jnp.einsum("td,tkdr->tkr", x_td, au), bu)
+    h = jax.nn.silu(g) * u
+    y_tkd = jnp.einsum("tkf,tkfd->tkd", h, kernel(wd, layer, e_tk, dtype), preferred_element_type=dtype)
+    if lora is not None:
+        y_tkd += scale * jnp.einsum("tkr,tkrd->tkd", jnp.einsum("tkf,tkfr->tkr", h, ad), bd)
     w = jnp.where(valid, w_tk, 0.0).astype(dtype)
     return jnp.einsum("tkd,tk->td", y_tkd, w)
 
 
-def _loop_swiglu(x_td, idx_tk, w_tk, wg, wu, wd, layer=None):
+def _loop_swiglu(x_td, idx_tk, w_tk, wg, wu, wd, layer=None, lora=None, scale=1.0):
     """sum_k w[t,k]·SwiGLU_{idx[t,k]}(x[t]), one assignment per iteration in expert order: [t,d] -> [t,d].
 
     Each iteration reads its expert's kernels in place and multiplies one row; consecutive assignments of one
@@ -85,9 +88,8 @@ def _loop_swiglu(x_td, idx_tk, w_tk, wg, wu, wd, layer=None):
 
         def add(y):
             x_1d = jax.lax.dynamic_slice_in_dim(x_td, tok, 1)
-            g = jnp.dot(x_1d, _kernel(wg, layer, e, dtype), preferred_element_type=dtype)
-            u = jnp.dot(x_1d, _kernel(wu, layer, e, dtype), preferred_element_type=dtype)
-            out = jnp.dot(jax.nn.silu(g) * u, _kernel(wd, layer, e, dtype), preferred_element_type=dtype) * w_flat[a]
+            base = tuple(kernel(w, layer, e, dtype) for w in (wg, wu, wd))
+            out = swiglu_one(x_1d, w_flat[a][None], base, lora_at(lora, layer, e), scale)
             return jax.lax.dynamic_update_slice_in_dim(y, jax.lax.dynamic_slice_in_dim(y, tok, 1) + out, tok, 0)
 
         return jax.lax.cond((e >= 0) & (e < n_exp), add, lambda y: y, y_td)
@@ -160,19 +162,6 @@ def _swiglu_rows_bwd(res, dy):
 _swiglu_rows.defvjp(_swiglu_rows_fwd, _swiglu_rows_bwd)
 
 
-def _scan_blocks(fn, n_used, xs, init_carry=None, unroll=1):
-    """scan over blocks i = 0..n-1 of fn(carry, i, *x_i) -> (carry, y_i), skipping blocks i >= n_used."""
-    n = xs[0].shape[0]
-
-    def body(carry, inp):
-        i, *x = inp
-        y_shape = jax.eval_shape(lambda c, *a: fn(c, i, *a)[1], carry, *x)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), y_shape)
-        return jax.lax.cond(i < n_used, lambda c: fn(c, i, *x), lambda c: (c, zeros), carry)
-
-    return jax.lax.scan(body, init_carry, (jnp.arange(n),) + tuple(xs), unroll=n if unroll == 0 else unroll)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def block_swiglu(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll=1):
     """y[n] = r[n]·SwiGLU_e(x[n]) with e = block_expert[n], for blocks n < n_used (zero after): [n, b, d] -> [n, b, d].
@@ -181,18 +170,7 @@ def block_swiglu(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unro
     accumulates the weight gradients block by block into [e, d, f]. The routing weights r [n, b] are applied
     inside, so their gradient comes from the backward's dh·h and the unweighted rows [n, b, d] are never kept.
     """
-    return _blocks_forward(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll)
-
-
-def _blocks_forward(x_nbd, r_nb, wg, wu, wd, block_expert, n_used, unroll=1, layer=None):
-    """block_swiglu's value, not differentiable for stacked kernels (wg [layers, e, d, f] read at `layer`)."""
-    def fn(carry, i, x, r, e):
-        g = jnp.dot(x, _kernel(wg, layer, e, x.dtype), preferred_element_type=x.dtype)
-        u = jnp.dot(x, _kernel(wu, layer, e, x.dtype), preferred_element_type=x.dtype)
-        h = jax.nn.silu(g) * u * r[:, None]
-        return carry, jnp.dot(h, _kernel(wd, layer, e, x.dtype), preferred_element_type=x.dtype)
-
-    return _scan_blocks(fn, n_used, (x_nbd, r_nb, block_expert), unroll=unroll)[1]
+    return blocks_forward(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll)
 
 
 def _block_swiglu_fwd(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll):
@@ -206,8 +184,8 @@ def _block_swiglu_fwd(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used,
     def down(carry, i, g, u, r, e):
         return carry, jnp.dot(jax.nn.silu(g) * u * r[:, None], wd_efd[e], preferred_element_type=g.dtype)
 
-    _, (g, u) = _scan_blocks(hidden, n_used, (x_nbd, block_expert), unroll=unroll)
-    _, y = _scan_blocks(down, n_used, (g, u, r_nb, block_expert), unroll=unroll)
+    _, (g, u) = scan_blocks(hidden, n_used, (x_nbd, block_expert), unroll=unroll)
+    _, y = scan_blocks(down, n_used, (g, u, r_nb, block_expert), unroll=unroll)
     return y, (x_nbd, r_nb, g, u, wg_edf, wu_edf, wd_efd, block_expert, n_used)
 
 
@@ -232,7 +210,7 @@ def _block_swiglu_bwd(unroll, res, dy_nbd):
         return (dwg, dwu, dwd), (dx, dr)
 
     zeros = (jnp.zeros_like(wg_edf), jnp.zeros_like(wu_edf), jnp.zeros_like(wd_efd))
-    (dwg, dwu, dwd), (dx, dr) = _scan_blocks(fn, n_used, (x_nbd, r_nb, g_nbf, u_nbf, dy_nbd, block_expert), zeros,
+    (dwg, dwu, dwd), (dx, dr) = scan_blocks(fn, n_used, (x_nbd, r_nb, g_nbf, u_nbf, dy_nbd, block_expert), zeros,
                                              unroll=unroll)
     return dx, dr.astype(r_nb.dtype), dwg, dwu, dwd, None, None
 
@@ -242,23 +220,27 @@ block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)
 
 def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.Array, wu_edf: jax.Array,
                wd_efd: jax.Array, *, impl: str, block_size: int = 0, unroll: int = 1, capacity: int = 0,
-               layer: jax.Array | None = None) -> jax.Array:
+               layer: jax.Array | None = None, lora: ExpertLora | None = None, scale: float = 1.0,
+               rate: float = 0.0) -> jax.Array:
     """sum_k w[t,k] * SwiGLU_{idx[t,k]}(x[t]) -> [t, d]; ids outside [0, e) contribute nothing (other shards).
 
     capacity > 0 bounds the rows computed (assignments past it, in expert order, are dropped); 0 = dropless.
     With `layer`, the kernels are stacked over layers ([layers, e, d, f]) and read at that layer in place
-    (inference only: no gradient for stacked kernels through 'blocks' or 'ragged').
+    (inference only: no gradient for stacked kernels through 'blocks' or 'ragged'). With `lora` (a LoRA run),
+    each expert's adapters add scale·(x·A)·B to its gate, up and down products on the same rows (dropout at
+    `rate` with lora.key); the base kernels then get no gradient.
     """
     t, k = idx_tk.shape
     n_exp = wg_edf.shape[0 if layer is None else 1]
     dtype = x_td.dtype
     impl, min_block = resolve_impl(impl, t * k, n_exp)
     if impl == "gather":
-        return _gather_swiglu(x_td, idx_tk, w_tk, wg_edf, wu_edf, wd_efd, layer)
+        return _gather_swiglu(x_td, idx_tk, w_tk, wg_edf, wu_edf, wd_efd, layer, lora, scale)
     if impl == "loop":
-        return _loop_swiglu(x_td, idx_tk, w_tk, wg_edf, wu_edf, wd_efd, layer)
+        return _loop_swiglu(x_td, idx_tk, w_tk, wg_edf, wu_edf, wd_efd, layer, lora, scale)
     if impl == "ragged" and layer is not None:  # ragged_dot takes one layer's [e, d, f]: sliced out (a copy)
         wg_edf, wu_edf, wd_efd = (w[layer].astype(dtype) for w in (wg_edf, wu_edf, wd_efd))
+        lora = None if lora is None else ExpertLora(*(a[layer] for a in lora[:6]), lora.key)
         layer = None
     flat = idx_tk.reshape(-1)
     valid = (flat >= 0) & (flat < n_exp)
@@ -272,7 +254,9 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
     group_sizes = jnp.zeros((n_exp + 1,), jnp.int32).at[sorted_key].add(1)[:n_exp]
     x_md = x_td[token]
     m = order.shape[0]
-    if impl == "ragged":
+    if impl == "ragged" and lora is not None:
+        y_md = ragged_lora(x_md.astype(dtype), wg_edf, wu_edf, wd_efd, group_sizes, lora, scale, rate)
+    elif impl == "ragged":
         y_md = _swiglu_rows(x_md.astype(dtype), wg_edf, wu_edf, wd_efd, group_sizes)
     else:
         b = block_size_for(m, n_exp, block_size, min_block) if layer is None else (block_size or _inference_block(m, n_exp))
@@ -290,10 +274,14 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
         n_used = padded_end[-1] // b
         r_nb = jnp.zeros((n_blocks * b,), dtype).at[dest].set(weight.astype(dtype), mode="drop")
         r_nb = r_nb.reshape(n_blocks, b)
-        if layer is None:
+        if layer is None and lora is not None:
+            y_nbd = block_swiglu_lora(x_nbd, r_nb, (wg_edf, wu_edf, wd_efd), lora, block_expert, n_used, scale, rate,
+                                      unroll)
+        elif layer is None:
             y_nbd = block_swiglu(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll)
         else:
-            y_nbd = _blocks_forward(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll, layer)
+            y_nbd = blocks_forward(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll, layer, lora,
+                                    scale)
         y_md = y_nbd.reshape(n_blocks * b, -1).at[dest].get(mode="fill", fill_value=0)
         return jnp.zeros_like(x_td).at[token].add(y_md)
     y_md = y_md * weight[:, None].astype(dtype)

@@ -11,7 +11,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from k2jax.model.layers.common import MLP, dtype_of, param
-from k2jax.model.layers.grouped import expert_ffn
+from k2jax.model.layers.grouped import ExpertLora, expert_ffn
+from k2jax.model.layers.lora import ExpertAdapter, fold
+from k2jax.model.quant import QArray
 from k2jax.model.layers.routing import route
 from k2jax.model.sharding import ShardingRules
 
@@ -19,7 +21,7 @@ from k2jax.model.sharding import ShardingRules
 class MoE(nnx.Module):
     """Routed experts (kernels [e, d, f], [e, f, d]) plus n_shared_experts folded into one SwiGLU MLP."""
 
-    def __init__(self, config, execution, rules: ShardingRules, *, rngs: nnx.Rngs):
+    def __init__(self, config, execution, rules: ShardingRules, *, rngs: nnx.Rngs, lora=None):
         c, run = config, execution
         e, d, f = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
         self.router = param(rngs, "mlp.router", (d, e), c, run)
@@ -27,18 +29,32 @@ class MoE(nnx.Module):
         self.wg = param(rngs, "mlp.wg", (e, d, f), c, run)
         self.wu = param(rngs, "mlp.wu", (e, d, f), c, run)
         self.wd = param(rngs, "mlp.wd", (e, f, d), c, run)
-        self.shared = MLP("mlp.shared", d, f * c.n_shared_experts, c, run, rngs=rngs) if c.n_shared_experts else None
+        self.shared = (MLP("mlp.shared", d, f * c.n_shared_experts, c, run, rngs=rngs, lora=lora)
+                       if c.n_shared_experts else None)
+        adapted = lora is not None and lora.adapts("mlp.wg")
+        for name, (d_in, d_out) in (("wg", (d, f)), ("wu", (d, f)), ("wd", (f, d))):
+            setattr(self, f"{name}_lora", ExpertAdapter(f"mlp.{name}", e, d_in, d_out, lora, c, run, rngs=rngs)
+                    if adapted else None)
+        self.lora_scale, self.lora_rate = (lora.scale, lora.dropout) if lora is not None else (1.0, 0.0)
         self.config, self.execution, self.rules, self.dtype = c, run, rules, dtype_of(run.dtype)
 
+    def expert_adapters(self, key=None) -> ExpertLora | None:
+        """The routed experts' adapters as one ExpertLora (None without them)."""
+        if self.wg_lora is None:
+            return None
+        g, u, d = self.wg_lora, self.wu_lora, self.wd_lora
+        return ExpertLora(g.a[...], g.b[...], u.a[...], u.b[...], d.a[...], d.b[...], fold(key, "mlp.experts"))
+
     def __call__(self, x_btd: jax.Array, mask_bt: jax.Array | None = None, *, stacked: tuple | None = None,
-                 stats: bool = True) -> tuple[jax.Array, dict]:
+                 stats: bool = True, key=None) -> tuple[jax.Array, dict]:
         """MoE feed-forward of x [b, t, d]; stats: per-expert loads [e] and the sequence-wise balance loss.
 
         The balance loss (DeepSeek-V3's, before aux_loss_alpha) is summed over the batch's sequences; tokens
         where mask_bt is 0 (padding) are left out of loads and loss. `stacked=(wg, wu, wd, layer)`: the routed
         kernels of every layer ([layers, e, d, f]) and this layer's index, used instead of this module's own
-        (inference over a scan of layers: each chosen expert is read in place, no layer's experts copied).
-        `stats=False` (inference) skips the loads and the balance loss.
+        (inference over a scan of layers: each chosen expert is read in place, no layer's experts copied); with
+        adapters, `stacked=(wg, wu, wd, stacked ExpertLora, layer)`. `stats=False` (inference) skips the loads
+        and the balance loss. `key`: the adapters' dropout key (training).
         """
         c, run = self.config, self.execution
         b, t, d = x_btd.shape
@@ -47,15 +63,18 @@ class MoE(nnx.Module):
                                      n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
                                      scaling=c.routed_scaling_factor)
         if stacked is None:
-            wg, wu, wd = (jnp.asarray(w[...], self.dtype) for w in (self.wg, self.wu, self.wd))
-            layer = None
+            # a quantised base's kernels stay quantised: the grouped matmul dequantises one expert at a time
+            wg, wu, wd = (w.get_value() if isinstance(w.get_value(), QArray) else jnp.asarray(w[...], self.dtype)
+                          for w in (self.wg, self.wu, self.wd))
+            lora, layer = self.expert_adapters(key), None
         else:  # cast per expert as it is read: converting the stacks here would convert every layer's experts
-            wg, wu, wd, layer = stacked
+            wg, wu, wd, lora, layer = stacked
         y_td = routed_experts(x_td, idx, weights, wg, wu, wd, self.rules, impl=run.moe_impl,
                               block_size=run.moe_block_size, unroll=run.moe_block_unroll,
-                              capacity_factor=run.moe_capacity_factor, layer=layer)
+                              capacity_factor=run.moe_capacity_factor, layer=layer, lora=lora,
+                              scale=self.lora_scale, rate=self.lora_rate)
         if self.shared is not None:
-            y_td = y_td + self.shared(x_td)
+            y_td = y_td + self.shared(x_td, key)
         y_btd = y_td.reshape(b, t, d).astype(x_btd.dtype)
         if not stats:
             return y_btd, {}
@@ -72,7 +91,8 @@ class MoE(nnx.Module):
 
 
 def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl: str, block_size: int = 0,
-                   unroll: int = 1, capacity_factor: float = 0.0, layer: jax.Array | None = None):
+                   unroll: int = 1, capacity_factor: float = 0.0, layer: jax.Array | None = None,
+                   lora: ExpertLora | None = None, scale: float = 1.0, rate: float = 0.0):
     """Dropless routed-expert output [t, d]; on a mesh with expert/tensor axes the tokens travel, not weights.
 
     Each `expert` shard all-gathers the tokens (and their routing) of its expert group, computes the assignments
@@ -80,24 +100,32 @@ def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl
     The `tensor` axis splits each expert's hidden dim (partial sums are added with a psum). The buffer of
     rows a shard computes is the dropless worst case (every gathered token on its experts) unless
     capacity_factor > 0 bounds it to that multiple of the balanced load. With `layer`, the kernels are
-    stacked over layers ([layers, e, d, f]) and read at that index.
+    stacked over layers ([layers, e, d, f]) and read at that index. `lora`: the experts' adapters, split over
+    `expert` like their kernels (B's hidden dim, and A's of the down kernel, over `tensor`).
     """
+    opts = dict(impl=impl, block_size=block_size, unroll=unroll, lora=lora, scale=scale, rate=rate)
     mesh = jax.sharding.get_abstract_mesh()
     ep = mesh.shape.get("expert", 1) if not mesh.empty else 1
     tp = mesh.shape.get("tensor", 1) if not mesh.empty else 1
     if ep == 1 and tp == 1:
-        return expert_ffn(x_td, idx_tk, w_tk, wg, wu, wd, impl=impl, block_size=block_size, unroll=unroll,
-                          layer=layer)
+        return expert_ffn(x_td, idx_tk, w_tk, wg, wu, wd, layer=layer, **opts)
     lead = () if layer is None else ("layers",)
     tok = rules.spec(("batch", None), mesh)
     w_in = rules.spec(lead + ("experts", None, "expert_mlp"), mesh)
     w_out = rules.spec(lead + ("experts", "expert_mlp", None), mesh)
+    k_in, k_out = w_in, w_out
+    if isinstance(wg, QArray):  # quantised kernels: their scales split as their values are
+        k_in, k_out = _quant_specs(wg, w_in, lead, rules, mesh, "in"), _quant_specs(wd, w_out, lead, rules, mesh, "out")
+    lo_specs = None
+    if lora is not None:
+        rank_in = rules.spec(lead + ("experts", None, None), mesh)  # A of gate/up, B of down: [e, d, r], [e, r, d]
+        lo_specs = ExpertLora(rank_in, w_in, rank_in, w_in, w_out, rank_in, None if lora.key is None else P())
     n_local = wg.shape[len(lead)] // ep
     split = "expert" in jax.tree.leaves(tuple(tok))  # are tokens split over the expert axis, or replicated?
 
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out, P()), out_specs=tok,
-                       check_vma=False)
-    def local(x, idx, w, g, u, dn, layer):
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(tok, tok, tok, k_in, k_in, k_out, lo_specs, P()),
+                       out_specs=tok, check_vma=False)
+    def local(x, idx, w, g, u, dn, lo, layer):
         if ep > 1 and split:
             x = jax.lax.all_gather(x, "expert", axis=0, tiled=True)
             idx = jax.lax.all_gather(idx, "expert", axis=0, tiled=True)
@@ -105,8 +133,11 @@ def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl
         if ep > 1:
             idx = idx - jax.lax.axis_index("expert") * n_local
         cap = int(capacity_factor * idx.size / ep) if capacity_factor > 0 else 0
-        y = expert_ffn(x, idx, w, g, u, dn, impl=impl, block_size=block_size, unroll=unroll, capacity=cap,
-                       layer=layer)
+        if lo is not None and lo.key is not None:  # each shard its own dropout masks
+            shard = jax.lax.axis_index("expert") * tp + jax.lax.axis_index("tensor") if tp > 1 else \
+                jax.lax.axis_index("expert")
+            lo = lo._replace(key=jax.random.fold_in(lo.key, shard))
+        y = expert_ffn(x, idx, w, g, u, dn, capacity=cap, layer=layer, **{**opts, "lora": lo})
         if tp > 1:
             y = jax.lax.psum(y, "tensor")
         if ep > 1:
@@ -114,4 +145,21 @@ def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl
                  else jax.lax.psum(y, "expert"))
         return y
 
-    return local(x_td, idx_tk, w_tk, wg, wu, wd, layer)
+    return local(x_td, idx_tk, w_tk, wg, wu, wd, lora, layer)
+
+
+def _quant_specs(w: QArray, spec, lead: tuple, rules: ShardingRules, mesh, which: str) -> QArray:
+    """shard_map specs of a quantised expert kernel: values as `spec`; scales split over the same expert (and,
+    for fp8 blocks, hidden) shards, so each shard dequantises its own part."""
+    from k2jax.errors import ConfigError
+
+    tp = mesh.shape.get("tensor", 1)
+    f = w.shape[-1] if which == "in" else w.shape[-2]
+    if w.kind == "fp8" and tp > 1 and f % (128 * tp):
+        raise ConfigError(f"moe_intermediate_size={f}: an fp8 base split over tensor={tp} needs it to be a multiple "
+                          f"of {128 * tp} (128-column scale blocks per shard)")
+    if w.kind == "int8":  # scale [.., e, 1, f] (gate, up) or [.., e, 1, d] (down)
+        names = lead + (("experts", None, "expert_mlp") if which == "in" else ("experts", None, None))
+    else:  # scale [.., e, in blocks, out blocks]
+        names = lead + (("experts", None, "expert_mlp") if which == "in" else ("experts", "expert_mlp", None))
+    return QArray(spec, rules.spec(names, mesh), w.n_in, w.n_out, w.kind)
