@@ -106,6 +106,49 @@ def test_fp8_export_requantises_in_the_official_layout(hf_tiny, tmp_path):
     assert json.load(open(tmp_path / "fp8" / "config.json"))["quantization_config"]["weight_block_size"] == [128, 128]
 
 
+def test_fp8_export_reimported_through_the_cli_keeps_every_tensor_within_its_bound(hf_tiny, tmp_path):
+    """A bf16 checkpoint exported with `k2jax-convert --to_hf --fp8` and imported again with `k2jax-convert`:
+    every linear layer (Muon's matrices, experts included) is e4m3 with 128x128 scales in the export and comes back
+    within fp8's rounding (2^-4 relative, plus one subnormal step at the largest block scale); the embedding,
+    lm_head and norms stay bfloat16 and the router and its bias float32, bit for bit."""
+    from k2jax.ckpt.orbax import resolve_step_dir
+    from k2jax.ckpt.convert import leaf_reader
+    from k2jax.model.params import spec_of
+
+    ck, fp8, back = (str(tmp_path / n) for n in ("ck", "fp8", "back"))
+    import_hf(hf_tiny[0], ck, dtype="bfloat16", quiet=True)
+    for args in (("--to_hf", f"--checkpoint_dir={ck}", f"--output_dir={fp8}", "--fp8", "--quiet"),
+                 (f"--hf_dir={fp8}", f"--output_dir={back}", "--dtype=bfloat16", "--quiet")):
+        r = _cli(*args)
+        assert r.returncode == 0, r.stderr[-3000:]
+    out = SafetensorsFolder(fp8)
+    kinds = {}
+    for name in out.names():
+        if name.endswith("_scale_inv"):
+            continue
+        kinds.setdefault(str(out.info(name)[0]), []).append(name)
+    assert all("norm" in n or "embed" in n or "lm_head" in n for n in kinds["bfloat16"])
+    assert all(n.endswith(("mlp.gate.weight", "e_score_correction_bias")) for n in kinds["float32"])
+    assert any(".experts." in n for n in kinds["float8_e4m3fn"]) and any("o_proj" in n for n in kinds["float8_e4m3fn"])
+    a, b = (leaf_reader(os.path.join(resolve_step_dir(d), "model")) for d in (ck, back))
+    from k2jax.model.init import abstract_model
+
+    _, abstract = abstract_model(k2jax.load_config("tiny"))
+    checked = 0
+    for path, _ in nnx.to_flat_state(abstract):
+        path = tuple(str(p) for p in path)
+        w, got = (np.asarray(r(path, ()), np.float64) for r in (a, b))
+        spec = spec_of(path)
+        if spec.group == "muon" and not spec.float32:
+            sub = 2.0 ** -9 * np.abs(w).max() / 448  # one subnormal step of e4m3 at the largest block scale
+            assert (np.abs(got - w) <= 2.0 ** -4 * np.abs(w) + sub).all(), path
+            assert not np.array_equal(got, w), path  # positive control: these did go through fp8
+        else:
+            np.testing.assert_array_equal(got, w, err_msg=str(path))
+        checked += 1
+    assert checked == len(list(nnx.to_flat_state(abstract)))
+
+
 def test_interrupted_conversion_resumes_to_an_identical_checkpoint(hf_tiny, tmp_path, monkeypatch):
     from k2jax.ckpt import hf as hf_mod
 

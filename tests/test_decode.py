@@ -197,3 +197,46 @@ def test_decode_step_writes_the_donated_cache_in_place(model, prompts):
     assert not _cache_copies(donated, cache)
     assert "may-alias" not in kept.as_text().splitlines()[0]
     assert len(_cache_copies(kept, cache)) == n_arrays
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 8, 0.6), (0.5, 0, 1.0)])
+def test_sampling_draws_from_the_renormalised_tempered_distribution(temperature, top_k, top_p):
+    """200k draws from fixed logits: every draw lies in the top-k / nucleus set computed in float64 (the
+    smallest prefix of the sorted probabilities whose mass reaches top_p), every token of that set is drawn, and
+    the frequencies pass a chi-square test (p > 1e-4) against the tempered softmax renormalised on it; the same
+    test rejects the untempered distribution (positive control)."""
+    from scipy import stats
+
+    from k2jax.inference.sampler import SamplingParams, sample_logits
+
+    rng = np.random.default_rng(7)
+    v, n = 24, 200_000
+    logits = rng.normal(0, 1.5, v)
+
+    def target(temp):
+        z = logits / temp
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        order = np.argsort(-p)
+        keep = np.zeros(v, bool)
+        keep[order[: top_k or v]] = True
+        if top_p < 1.0:
+            q = p[order] * keep[order]
+            q /= q.sum()
+            nucleus = (np.cumsum(q) - q) < top_p
+            keep[:] = False
+            keep[order[nucleus]] = True
+        out = np.where(keep, p, 0.0)
+        return out / out.sum()
+
+    want = target(temperature)
+    draws = np.asarray(sample_logits(jax.numpy.asarray(np.tile(logits, (n, 1)), np.float32), jax.random.key(3),
+                                     SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)))
+    counts = np.bincount(draws, minlength=v)
+    support = want > 0
+    assert set(np.nonzero(counts)[0]) == set(np.nonzero(support)[0])
+    expected = want[support] * n
+    assert stats.chisquare(counts[support], expected).pvalue > 1e-4
+    if temperature != 1.0:
+        wrong = target(1.0)[support]
+        assert stats.chisquare(counts[support], wrong / wrong.sum() * n).pvalue < 1e-6

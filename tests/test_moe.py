@@ -183,3 +183,46 @@ def test_save_moe_remat_recomputes_no_expert_matmul(tiny_config):
     assert flops["save_moe"] <= 1.01 * flops["none"] and flops["full"] >= 1.1 * flops["none"], flops
     for a, b in zip(jax.tree.leaves(grad_fn("save_moe")(state, x)), jax.tree.leaves(grad_fn("none")(state, x))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
+
+
+def numpy_balance_loss(x_btd, mask_bt, p, c, bias_in_topk=False):
+    """DeepSeek-V3's sequence-wise balance loss (before alpha), summed over sequences, in float64:
+    f_i = N_r/(K_r T) sum_t 1(s_it in TopK(s_t, K_r)), P_i = (1/T) sum_t s_it / sum_j s_jt, L = sum_i f_i P_i."""
+    total = 0.0
+    for x, m in zip(x_btd.astype(np.float64), mask_bt):
+        s = 1 / (1 + np.exp(-(x @ p["router"])))
+        rank = s + p["router_bias"] if bias_in_topk else s
+        real = m.astype(bool)
+        t_real = max(real.sum(), 1)
+        hits = np.zeros(c.n_routed_experts)
+        for t in np.nonzero(real)[0]:
+            hits[np.argsort(-rank[t])[: c.num_experts_per_tok]] += 1
+        f = c.n_routed_experts / (c.num_experts_per_tok * t_real) * hits
+        prob = (s / s.sum(-1, keepdims=True))[real].sum(0) / t_real
+        total += float((f * prob).sum())
+    return total
+
+
+def test_balance_loss_follows_deepseek_v3s_definition(tiny_config):
+    """The MoE's balance loss equals a NumPy transcription of DeepSeek-V3's formula (expert counts from the
+    top-K of the scores without the correction bias, padding left out) to 1e-6; counting the experts as routed
+    (bias included) instead gives a different value, which this comparison catches. The expert loads the bias
+    update reads stay those of the routing itself."""
+    c = tiny_config
+    moe = _moe(c, bias=np.random.default_rng(4).normal(0, 0.3, c.n_routed_experts))  # a bias that changes choices
+    x = np.random.default_rng(5).normal(size=(3, 40, c.hidden_size)).astype(np.float32)
+    mask = np.ones((3, 40), bool)
+    mask[1, 25:] = False  # padding in one sequence
+    _, stats = moe(jnp.asarray(x), jnp.asarray(mask))
+    p = _numpy_params(moe)
+    want = numpy_balance_loss(x, mask, p, c)
+    assert float(stats["balance_loss"]) == pytest.approx(want, rel=1e-6, abs=1e-7)
+    routed = numpy_balance_loss(x, mask, p, c, bias_in_topk=True)
+    assert abs(routed - want) > 1e-3 * want  # positive control: the other definition is told apart
+    ids = np.stack([np.argsort(-(1 / (1 + np.exp(-(x[b] @ p["router"]))) + p["router_bias"]), -1)[:, :c.num_experts_per_tok]
+                    for b in range(3)])
+    load = np.zeros(c.n_routed_experts)
+    for b in range(3):
+        for t in np.nonzero(mask[b])[0]:
+            load[ids[b, t]] += 1
+    np.testing.assert_array_equal(np.asarray(stats["expert_load"]), load)

@@ -53,13 +53,17 @@ def test_muon_matches_float64_numpy_and_the_layer_loop_equals_the_batched_update
     float64 NumPy Muon built matrix by matrix (q_b/kv_b per head, kv_a split, o whole, experts batched), and the
     in-place per-layer loop gives the batched update's params and momentum."""
     mesh = k2jax.make_mesh("", devices=jax.devices()[:1])
-    o = OptimConfig(learning_rate=LR, schedule="constant", warmup_steps=0, weight_decay=WD, muon_momentum=MU,
-                    grad_clip=1e9)
+    # grad_clip left at its default: K2's MuonClip recipe clips no gradient (the NumPy reference has none; with a
+    # clip at 1.0 this comparison fails, the gradients' global norms being ~1.6e3 and ~16)
+    o = OptimConfig(learning_rate=LR, schedule="constant", warmup_steps=0, weight_decay=WD, muon_momentum=MU)
+    assert o.clip == 0.0 and OptimConfig(optimizer="adamw").clip == 1.0
     trainer = Trainer(tiny_config, o, mesh, execution=TINY_RUN)
     rng = np.random.default_rng(0)
     rand = lambda t: jax.tree.map(lambda v: rng.standard_normal(v.shape).astype(np.float32), t)  # noqa: E731
     params = rand(trainer.abstract_params)
-    grads = [rand(trainer.abstract_params) for _ in range(2)]
+    # the second step's gradients 100x smaller: a global-norm clip would rescale the two steps differently and move
+    # the momentum's direction
+    grads = [rand(trainer.abstract_params), jax.tree.map(lambda g: 0.01 * g, rand(trainer.abstract_params))]
 
     def run(tx):
         @jax.jit
@@ -113,3 +117,63 @@ def test_optimizer_groups_come_from_the_parameter_declarations(tiny_config):
     renamed = nnx.State({"lm_head2": nnx.Param(jnp.zeros((4, 4)))})
     with pytest.raises(KeyError, match="lm_head2 has no declaration"):
         labels(renamed)
+
+
+def _wsd64(step, o):
+    """The warm-up-stable-decay learning rate, written out: linear warm-up to the peak, constant, then a cosine
+    to the minimum over the last `decay_steps`."""
+    if step < o.warmup_steps:
+        return o.learning_rate * (step + 1) / o.warmup_steps
+    start = o.total_steps - o.decay_steps
+    frac = min(max((step - start) / o.decay_steps, 0.0), 1.0)
+    return o.min_learning_rate + 0.5 * (o.learning_rate - o.min_learning_rate) * (1 + np.cos(np.pi * frac))
+
+
+def test_adamw_with_schedule_clipping_and_decay_mask_matches_float64_numpy(tiny_config):
+    """Six AdamW steps through warm-up, the stable phase and the decay, with gradients large enough to be clipped:
+    every parameter equals a float64 NumPy AdamW (global-norm clipping, bias correction, the WSD rate, weight decay
+    on the `adam`/`muon` groups only, not on norms); and a decay applied to the norms too is caught."""
+    from k2jax.model.params import spec_of
+
+    mesh = k2jax.make_mesh("", devices=jax.devices()[:1])
+    o = OptimConfig(optimizer="adamw", learning_rate=3e-2, min_learning_rate=3e-3, warmup_steps=2, decay_steps=3,
+                    total_steps=6, weight_decay=0.1, grad_clip=0.5, b1=0.9, b2=0.95, eps=1e-8)
+    trainer = Trainer(tiny_config, o, mesh, execution=TINY_RUN)
+    rng = np.random.default_rng(3)
+    rand = lambda t: jax.tree.map(lambda v: rng.standard_normal(v.shape).astype(np.float32), t)  # noqa: E731
+    params, grads = rand(trainer.abstract_params), [rand(trainer.abstract_params) for _ in range(6)]
+
+    @jax.jit
+    def step(p, s, g):
+        u, s = trainer.tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    p, s = params, trainer.tx.init(params)
+    for g in grads:
+        p, s = step(p, s, g)
+    got = _flat(p)
+
+    def numpy_adamw(decay_norms=False):
+        p = _flat(params)
+        m = {k: np.zeros_like(v) for k, v in p.items()}
+        v = {k: np.zeros_like(x) for k, x in p.items()}
+        for t, g in enumerate(grads):
+            g = _flat(g)
+            norm = np.sqrt(sum((x ** 2).sum() for x in g.values()))
+            lr = _wsd64(t, o)
+            for k in p:
+                gk = g[k] * min(1.0, o.grad_clip / norm)
+                m[k] = o.b1 * m[k] + (1 - o.b1) * gk
+                v[k] = o.b2 * v[k] + (1 - o.b2) * gk ** 2
+                mh, vh = m[k] / (1 - o.b1 ** (t + 1)), v[k] / (1 - o.b2 ** (t + 1))
+                wd = o.weight_decay if spec_of(k).group != "adam_nodecay" or decay_norms else 0.0
+                p[k] = p[k] - lr * (mh / (np.sqrt(vh) + o.eps) + wd * p[k])
+        return p
+
+    want = numpy_adamw()
+    assert any(spec_of(k).group == "adam_nodecay" for k in want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-5 * max(np.abs(want[k]).max(), 1.0),
+                                   err_msg=str(k))
+    wrong = numpy_adamw(decay_norms=True)  # positive control
+    assert max(np.abs(got[k] - wrong[k]).max() for k in want if spec_of(k).group == "adam_nodecay") > 1e-4

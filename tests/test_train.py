@@ -240,7 +240,8 @@ def test_eight_device_mesh_agrees_and_learns(tiny_config, corpus_batches, one_de
 
 
 def test_chunked_cross_entropy_matches_float64():
-    """Vocabulary chunks (rematerialised) and one whole-vocabulary chunk give the float64 loss and gradients."""
+    """Vocabulary chunks (rematerialised) and one whole-vocabulary chunk give the float64 loss and gradients, and
+    the z-loss sum (masked logsumexp²) and its gradients."""
     from k2jax.train.loss import chunked_cross_entropy
 
     rng = np.random.default_rng(0)
@@ -258,6 +259,13 @@ def test_chunked_cross_entropy_matches_float64():
         np.testing.assert_allclose(loss, want, rtol=1e-5)
         np.testing.assert_allclose(dh, dlogits @ w, atol=1e-5)
         np.testing.assert_allclose(dw, dlogits.T @ h, atol=1e-5)
+        # the z-loss term: sum of masked logsumexp², and its gradient 2·lse·softmax
+        fz = jax.jit(jax.value_and_grad(lambda h, w: chunked_cross_entropy(h, w, tgt, mask, chunk=chunk)[1], (0, 1)))
+        z, (dhz, dwz) = fz(jnp.asarray(h, jnp.float32), jnp.asarray(w, jnp.float32))
+        dz = 2 * lse[:, None] * p * mask[:, None]
+        np.testing.assert_allclose(z, (lse ** 2 * mask).sum(), rtol=1e-5)
+        np.testing.assert_allclose(dhz, dz @ w, atol=1e-4)
+        np.testing.assert_allclose(dwz, dz.T @ h, atol=1e-4)
 
 
 def test_training_splits_dense_weights_and_their_state_over_the_whole_batch_group(tiny_config):

@@ -225,6 +225,10 @@ def configure(config: K2Config, execution: Execution | None, changes: Mapping[st
 
 def _coerce(key: str, type_name: Any, value: Any) -> Any:
     type_name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
+    if type_name.endswith(" | None"):  # optional: "none" (or None) means the default rule
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        type_name = type_name[: -len(" | None")]
     try:
         if type_name == "bool":
             if isinstance(value, str):

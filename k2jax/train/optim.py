@@ -34,14 +34,25 @@ class OptimConfig:
     eps: float = 1e-8
     muon_momentum: float = 0.95
     ns_steps: int = 5
-    grad_clip: float = 1.0
+    # global-norm gradient clipping before the update; None: off for MuonClip (K2's recipe clips no gradient:
+    # QK-Clip bounds the attention logits instead), 1.0 for AdamW. 0 turns it off.
+    grad_clip: float | None = None
     qk_clip_tau: float = 100.0
     bias_update_rate: float = 1e-3
     # gradient sums over microbatches: "param" (the parameters' dtype) or "float32" (exact for bf16 parameters,
     # at twice the accumulator's memory: docs/scale.md has what that costs K2)
     grad_accum_dtype: str = "param"
 
+    @property
+    def clip(self) -> float:
+        """The global-norm clipping threshold in effect (0: none)."""
+        if self.grad_clip is None:
+            return 0.0 if self.optimizer == "muonclip" else 1.0
+        return self.grad_clip
+
     def __post_init__(self):
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ConfigError(f"grad_clip: expected >= 0 (0: off), got {self.grad_clip}")
         if self.grad_accum_dtype not in ("param", "float32"):
             raise ConfigError(f"grad_accum_dtype: expected 'param' or 'float32', got {self.grad_accum_dtype!r}")
         if self.optimizer not in ("muonclip", "adamw"):
@@ -157,7 +168,7 @@ def labels(params):
 
 
 def make_optimizer(o: OptimConfig, params, kv_lora_rank: int, layer_loop: bool = True) -> optax.GradientTransformation:
-    """The optax transform for `params` (an nnx.State of Params): gradient clipping, then AdamW or MuonClip
+    """The optax transform for `params` (an nnx.State of Params): gradient clipping (if on), then AdamW or MuonClip
     (`layer_loop`: Muon updates stacked layers one at a time, see `muon`)."""
     schedule = make_schedule(o)
     groups = labels(params)
@@ -171,7 +182,7 @@ def make_optimizer(o: OptimConfig, params, kv_lora_rank: int, layer_loop: bool =
                               kv_lora_rank=kv_lora_rank, layer_loop=layer_loop),
                          optax.scale_by_learning_rate(schedule, flip_sign=False))
         inner = optax.multi_transform({"muon": mu, "adam": adam, "adam_nodecay": adam_nodecay}, groups)
-    return optax.chain(optax.clip_by_global_norm(o.grad_clip), inner)
+    return optax.chain(optax.clip_by_global_norm(o.clip), inner) if o.clip > 0 else inner
 
 
 # ------------------------------------------------------------------------------------------------ QK-Clip

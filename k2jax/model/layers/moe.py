@@ -79,9 +79,11 @@ class MoE(nnx.Module):
         if not stats:
             return y_btd, {}
         mask = jnp.ones((b, t), jnp.float32) if mask_bt is None else mask_bt.astype(jnp.float32)
-        hits_bte = jax.nn.one_hot(idx.reshape(b, t, -1), c.n_routed_experts, dtype=jnp.float32).sum(2)
-        hits_bte = hits_bte * mask[..., None]
-        load_e = hits_bte.sum((0, 1))
+        one_hot = lambda ids: jax.nn.one_hot(ids.reshape(b, t, -1), c.n_routed_experts, dtype=jnp.float32).sum(2)  # noqa: E731
+        load_e = (one_hot(idx) * mask[..., None]).sum((0, 1))  # the experts chosen (bias included): the bias update's
+        # DeepSeek-V3's sequence-wise balance loss counts the top-K of the affinity scores themselves (no
+        # correction bias, no group limit): f_i = N_r / (K·T) · #{t : s_i,t in TopK(s_t)}
+        hits_bte = one_hot(jax.lax.top_k(scores, c.num_experts_per_tok)[1]) * mask[..., None]
         n_tok = jnp.maximum(mask.sum(1), 1.0)  # [b]
         f_be = hits_bte.sum(1) * c.n_routed_experts / (c.num_experts_per_tok * n_tok[:, None])
         probs = scores.reshape(b, t, -1) / scores.reshape(b, t, -1).sum(-1, keepdims=True)
