@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from k2jax.runtime import HOST_MALLOC_ENV, OPT_OUT, host_malloc_env
 
 
@@ -56,3 +58,21 @@ def test_commands_on_a_host_without_tpu_do_not_print_libtpu_errors():
     assert not quiet_platforms(chosen) and chosen == {"JAX_PLATFORMS": "tpu"}
     empty = {}
     assert quiet_platforms(empty) and empty == {"JAX_PLATFORMS": "cpu"}
+
+
+@pytest.mark.parametrize("script, flag", [("k2jax-train", "--lora_rank"), ("k2jax-generate", "--prompt_ids"),
+                                          ("k2jax-convert", "--merge_lora"), ("k2jax-compile", "--topology"),
+                                          ("k2jax-forward", "--config")])
+def test_each_console_script_runs_as_installed(script, flag):
+    """Every entry point of setup.py is on PATH after `pip install` and answers --helpfull with its own flags (exit
+    0, nothing on stderr: no libtpu noise on a host without a TPU)."""
+    import shutil
+    import subprocess
+
+    path = shutil.which(script)
+    assert path, f"{script} is not installed on PATH"
+    r = subprocess.run([path, "--helpfull"], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert flag in r.stdout, r.stdout[-2000:]
+    assert "TPU" not in r.stderr, r.stderr[-2000:]

@@ -261,3 +261,36 @@ def _held_out_loss_at_start(k2_dir, held, tok):
     state = trainer.init_state(model_state=load_weights(k2_dir, trainer))
     ds = make_dataset(ChatSource(held, tok.path, 128), tok.path, seq_len=128, batch_size=8, num_epochs=1)
     return trainer.evaluate(state, [global_batch(b, trainer.mesh, trainer.rules) for b in ds])["eval_loss"]
+
+
+def test_generate_cli_chat_carries_the_first_reply_into_the_second_turn(converted, small_tokenizer):
+    """`k2jax-generate --chat` over stdin, two turns, greedy: each reply is what Model.generate gives for the
+    conversation so far rendered in K2's chat format (the first reply carried into the second prompt), cut at
+    <|im_end|>; `--prompt_ids` prints Model.generate's ids; bad flags exit 2 naming the flag."""
+    from k2jax.text.chat import apply_chat_template
+
+    _, k2_dir = converted
+    r = _cli("generate", f"--checkpoint_dir={k2_dir}", "--chat", "--temperature=0", "--max_new_tokens=12",
+             f"--tokenizer={small_tokenizer.path}", stdin="Hello there\nAnd now?\n\n")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # stdin is no terminal: each "you> " prompt is followed directly by "k2> " and the reply, then a newline
+    replies = [part[: part.rindex("\nyou> ")] for part in r.stdout.split("k2> ")[1:]]
+    assert len(replies) == 2, r.stdout
+    model = k2jax.load(k2_dir).attach_tokenizer(small_tokenizer.path)
+    tok, messages = model.tokenizer, []
+    for user, reply in zip(("Hello there", "And now?"), replies):
+        messages.append({"role": "user", "content": user})
+        ids = model.generate([tok.encode(apply_chat_template(messages), allow_special="all")], max_new_tokens=12)[0]
+        assert tok.im_end_id not in ids[:-1] and "<|im_end|>" not in reply
+        assert tok.decode([i for i in ids if i != tok.im_end_id]) == reply
+        messages.append({"role": "assistant", "content": reply})
+    ids = "5,9,200;17,4"
+    r = _cli("generate", f"--checkpoint_dir={k2_dir}", f"--prompt_ids={ids}", "--temperature=0", "--max_new_tokens=6")
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = model.generate([[5, 9, 200], [17, 4]], max_new_tokens=6, stop=[model.config.eos_token_id])
+    assert r.stdout.strip().splitlines()[-2:] == [",".join(map(str, o)) for o in want]
+    for bad, message in ((("--prompt_ids=1,x",), "--prompt_ids='1,x': expected comma-separated integers"),
+                         (("--prompt=a", "--chat"), "give exactly one of --prompt, --chat, --prompt_ids"),
+                         (("--prompt=a", "--temperature=hot"), "--temperature")):
+        r = _cli("generate", f"--checkpoint_dir={k2_dir}", *bad)
+        assert r.returncode == 2 and message in r.stderr, (bad, r.returncode, r.stderr[-1500:])

@@ -68,4 +68,19 @@ def run_main(main, *, host_malloc: bool = False):
             print(f"error: {e}", file=sys.stderr)
             return 2
 
-    app.run(guarded)
+    def parse(argv):
+        """absl's flag parsing, but a bad flag value is an input error like the others: one line, exit status 2."""
+        import sys
+
+        try:
+            return flags.FLAGS(argv)
+        except SystemExit as e:  # absl's --help/--helpshort/--helpfull print the flags and exit 1: asked for, so 0
+            if e.code == 1 and any(a.split("=")[0] in ("--help", "--helpshort", "--helpfull", "-h", "-?")
+                                   for a in argv[1:]):
+                sys.exit(0)
+            raise
+        except flags.Error as e:
+            print(f"error: {e}\nPass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(guarded, flags_parser=parse)
