@@ -31,12 +31,14 @@ def _ortho64(x):
     return _ns64(x) * 0.2 * np.sqrt(max(x.shape))
 
 
-def _muon_direction64(name, m, kv_lora_rank):
+def _muon_direction64(name, m, kv_lora_rank, split="whole"):
     """The reference Muon direction of one layer's (or one expert's) parameter, matrix by matrix."""
-    if name == "kv_a":  # [d, latent + rope]: the latent and the rope key are separate matrices
+    if name == "kv_a" and split == "per_head":  # [d, latent + rope]: the latent and the rope key apart
         return np.concatenate([_ortho64(m[:, :kv_lora_rank]), _ortho64(m[:, kv_lora_rank:])], axis=1)
-    if name in ("q_b", "kv_b"):  # [in, heads, out]: one matrix per head
+    if name in ("q_b", "kv_b") and split == "per_head":  # [in, heads, out]: one matrix per head
         return np.stack([_ortho64(m[:, h]) for h in range(m.shape[1])], axis=1)
+    if name in ("q_b", "kv_b"):  # one [in, heads·out] matrix (K2's recipe)
+        return _ortho64(m.reshape(m.shape[0], -1)).reshape(m.shape)
     if name == "o":  # [heads, v, d]: one [heads*v, d] matrix
         return _ortho64(m.reshape(-1, m.shape[-1])).reshape(m.shape)
     if m.ndim == 3:  # experts [E, in, out]
@@ -48,14 +50,17 @@ def _flat(tree):
     return {state_path(k): np.asarray(v, np.float64) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def test_muon_matches_float64_numpy_and_the_layer_loop_equals_the_batched_update(tiny_config):
+@pytest.mark.parametrize("split", ["whole", "per_head"])
+def test_muon_matches_float64_numpy_and_the_layer_loop_equals_the_batched_update(tiny_config, split):
     """Two MuonClip steps (momentum carried) on random params and grads: every Muon-updated matrix equals a
-    float64 NumPy Muon built matrix by matrix (q_b/kv_b per head, kv_a split, o whole, experts batched), and the
-    in-place per-layer loop gives the batched update's params and momentum."""
+    float64 NumPy Muon built matrix by matrix (by default each weight matrix whole, as K2's recipe; with
+    muon_split=per_head q_b/kv_b per head and kv_a split), experts batched, and the in-place per-layer loop gives
+    the batched update's params and momentum. The other split's reference is told apart (positive control)."""
     mesh = k2jax.make_mesh("", devices=jax.devices()[:1])
     # grad_clip left at its default: K2's MuonClip recipe clips no gradient (the NumPy reference has none; with a
     # clip at 1.0 this comparison fails, the gradients' global norms being ~1.6e3 and ~16)
-    o = OptimConfig(learning_rate=LR, schedule="constant", warmup_steps=0, weight_decay=WD, muon_momentum=MU)
+    o = OptimConfig(learning_rate=LR, schedule="constant", warmup_steps=0, weight_decay=WD, muon_momentum=MU,
+                    **({} if split == "whole" else {"muon_split": split}))
     assert o.clip == 0.0 and OptimConfig(optimizer="adamw").clip == 1.0
     trainer = Trainer(tiny_config, o, mesh, execution=TINY_RUN)
     rng = np.random.default_rng(0)
@@ -89,11 +94,18 @@ def test_muon_matches_float64_numpy_and_the_layer_loop_equals_the_batched_update
         g1, g2 = g1s[path], g2s[path]
         m = MU * g1 + g2
         stacked = path[0] in ("dense_layers", "moe_layers")
-        for step_m in (g1, m):  # the first step's direction uses M = G1, the second M = mu·G1 + G2
-            d = np.stack([_muon_direction64(path[-1], ml, tiny_config.kv_lora_rank) for ml in step_m]) if stacked \
-                else _muon_direction64(path[-1], step_m, tiny_config.kv_lora_rank)
-            p = p - LR * (d + WD * p)
+        def reference(mode, p=p):
+            for step_m in (g1, m):  # the first step's direction uses M = G1, the second M = mu·G1 + G2
+                d = np.stack([_muon_direction64(path[-1], ml, tiny_config.kv_lora_rank, mode) for ml in step_m]) \
+                    if stacked else _muon_direction64(path[-1], step_m, tiny_config.kv_lora_rank, mode)
+                p = p - LR * (d + WD * p)
+            return p
+
+        p = reference(split)
         np.testing.assert_allclose(new[path], p, rtol=0, atol=2e-5 * np.abs(p).max(), err_msg=str(path))
+        if path[-1] in ("q_b", "kv_b", "kv_a"):
+            other = reference("per_head" if split == "whole" else "whole")
+            assert np.abs(new[path] - other).max() > 1e-3 * np.abs(p).max(), path
         checked.add(path[-1])
     assert {"q_a", "q_b", "kv_a", "kv_b", "o", "wg", "wu", "wd", "router", "gate", "up", "down"} <= checked
 

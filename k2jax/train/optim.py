@@ -34,6 +34,10 @@ class OptimConfig:
     eps: float = 1e-8
     muon_momentum: float = 0.95
     ns_steps: int = 5
+    # "whole": every weight matrix orthogonalised whole, as K2's MuonClip (and Moonlight) do: q_b, kv_b as one
+    # [in, heads·out] matrix, kv_a as one [d, latent + rope] matrix; "per_head": q_b and kv_b per head, kv_a as its
+    # latent and rope-key parts
+    muon_split: str = "whole"
     # global-norm gradient clipping before the update; None: off for MuonClip (K2's recipe clips no gradient:
     # QK-Clip bounds the attention logits instead), 1.0 for AdamW. 0 turns it off.
     grad_clip: float | None = None
@@ -55,6 +59,8 @@ class OptimConfig:
             raise ConfigError(f"grad_clip: expected >= 0 (0: off), got {self.grad_clip}")
         if self.grad_accum_dtype not in ("param", "float32"):
             raise ConfigError(f"grad_accum_dtype: expected 'param' or 'float32', got {self.grad_accum_dtype!r}")
+        if self.muon_split not in ("whole", "per_head"):
+            raise ConfigError(f"muon_split: expected 'whole' or 'per_head', got {self.muon_split!r}")
         if self.optimizer not in ("muonclip", "adamw"):
             raise ConfigError(f"optimizer: expected 'muonclip' or 'adamw', got {self.optimizer!r}")
         if self.schedule not in ("wsd", "cosine", "constant"):
@@ -97,14 +103,19 @@ def newton_schulz(g, steps: int = 5, eps: float = 1e-7):
     return jnp.swapaxes(x, -1, -2) if transpose else x
 
 
-def _orthogonalized_update(split: str, m, steps, kv_lora_rank):
+def _orthogonalized_update(split: str, m, steps, kv_lora_rank, mode: str = "whole"):
     """Muon direction for one parameter's momentum m, scaled to AdamW's RMS: 0.2·sqrt(max(fan_in, fan_out));
-    `split` is the parameter's declared Muon layout (k2jax.model.params.ParamSpec.muon)."""
+    `split` is the parameter's declared Muon layout (k2jax.model.params.ParamSpec.muon), `mode` whether the
+    per-head and kv_a splits apply ("per_head") or every weight is one matrix ("whole")."""
 
     def ortho(x):
         fan_in, fan_out = x.shape[-2], x.shape[-1]
         return newton_schulz(x, steps) * 0.2 * math.sqrt(max(fan_in, fan_out))
 
+    if mode == "whole" and split == "per_head":  # [..., in, heads, out] as one [in, heads·out] matrix
+        return ortho(m.reshape(m.shape[:-2] + (-1,))).reshape(m.shape)
+    if mode == "whole" and split == "kv_a":
+        return ortho(m)
     if split == "kv_a":  # the latent and the shared rope key are separate maps
         return jnp.concatenate([ortho(m[..., :kv_lora_rank]), ortho(m[..., kv_lora_rank:])], axis=-1)
     if split == "per_head":
@@ -120,11 +131,12 @@ class MuonState(NamedTuple):
 
 
 def muon(*, momentum: float, weight_decay: float, ns_steps: int, kv_lora_rank: int,
-         layer_loop: bool = True) -> optax.GradientTransformation:
+         layer_loop: bool = True, split_mode: str = "whole") -> optax.GradientTransformation:
     """Muon as in the K2 report: M <- mu·M + G; direction -(NS5(M)·0.2·sqrt(max(fan_in, fan_out)) + wd·θ).
 
-    MLA projections are orthogonalised as the math splits them: q_b, kv_b per head; kv_a as its latent and
-    rope-key parts; o as one [heads·v, d] matrix; experts are a batch of matrices. The learning rate is
+    `split_mode="whole"` (K2's recipe) orthogonalises each weight matrix whole: q_b, kv_b as one [in, heads·out]
+    matrix, kv_a as one matrix, o as one [heads·v, d] matrix; `"per_head"` splits q_b, kv_b per head and kv_a into
+    its latent and rope-key parts. Experts are a batch of matrices either way. The learning rate is
     applied after. With `layer_loop`, stacked layers go one at a time through a loop that updates the
     momentum in place, so Newton-Schulz's float32 temporaries are one layer's, not the whole model's (README:
     what that saves for K2); without it (unrolled models, FLOP counting) all layers are one batched update.
@@ -138,7 +150,7 @@ def muon(*, momentum: float, weight_decay: float, ns_steps: int, kv_lora_rank: i
 
         def one(m_prev, g, p):
             m = momentum * m_prev + g.astype(m_prev.dtype)
-            d = _orthogonalized_update(split, m, ns_steps, kv_lora_rank)
+            d = _orthogonalized_update(split, m, ns_steps, kv_lora_rank, split_mode)
             return m, -(d + weight_decay * p.astype(jnp.float32)).astype(p.dtype)
 
         if not (layer_loop and is_stacked(path) and m_prev.shape[0] > 1):
@@ -179,7 +191,7 @@ def make_optimizer(o: OptimConfig, params, kv_lora_rank: int, layer_loop: bool =
                                       groups)
     else:
         mu = optax.chain(muon(momentum=o.muon_momentum, weight_decay=o.weight_decay, ns_steps=o.ns_steps,
-                              kv_lora_rank=kv_lora_rank, layer_loop=layer_loop),
+                              kv_lora_rank=kv_lora_rank, layer_loop=layer_loop, split_mode=o.muon_split),
                          optax.scale_by_learning_rate(schedule, flip_sign=False))
         inner = optax.multi_transform({"muon": mu, "adam": adam, "adam_nodecay": adam_nodecay}, groups)
     return optax.chain(optax.clip_by_global_norm(o.clip), inner) if o.clip > 0 else inner
