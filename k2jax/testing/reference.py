@@ -12,10 +12,14 @@ import numpy as np
 from k2jax.model.config import to_hf_config
 
 
-def build_hf_model(config, folder, seed=0):
+def build_hf_model(config, folder, seed=0, attention_gain: float = 1.0):
     """A random transformers DeepseekV3ForCausalLM (float32) of `config`, saved to `folder`; returns the model.
 
     Norm scales and router correction biases are randomised too, so parity tests exercise them.
+    `attention_gain` multiplies the queries (q_b) and the keys (kv_b's key rows, kv_a's rope key) so that every
+    attention score is gain² times larger: with HF's initialisation the scores have a std of ~0.03 and softmax is
+    nearly uniform, so a RoPE or softmax-scale error barely moves the logits; a sharp reference shows it
+    (`mean_max_attention` measures how sharp).
     """
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
@@ -29,6 +33,14 @@ def build_hf_model(config, folder, seed=0):
         for mod in model.modules():
             if hasattr(mod, "e_score_correction_bias"):
                 mod.e_score_correction_bias.copy_(0.05 * torch.randn_like(mod.e_score_correction_bias))
+        if attention_gain != 1.0:
+            nope, v, rope = config.qk_nope_head_dim, config.v_head_dim, config.qk_rope_head_dim
+            for layer in model.model.layers:
+                attn = layer.self_attn
+                attn.q_b_proj.weight.mul_(attention_gain)
+                kv_b = attn.kv_b_proj.weight.view(config.num_attention_heads, nope + v, -1)
+                kv_b[:, :nope].mul_(attention_gain)  # the key rows of every head, not the values
+                attn.kv_a_proj_with_mqa.weight[-rope:].mul_(attention_gain)  # the shared rope key
     model.save_pretrained(folder)
     return model
 
@@ -36,6 +48,21 @@ def build_hf_model(config, folder, seed=0):
 # group-limited routing and other YaRN factors than the tiny preset's (a second reference model)
 GROUPED = dict(n_group=4, topk_group=2, rope_factor=8.0, rope_original_max_position_embeddings=32,
                rope_beta_fast=32.0, rope_beta_slow=1.0, rope_mscale=0.707, rope_mscale_all_dim=1.0)
+
+
+def mean_max_attention(model, tokens) -> float:
+    """The mean over layers, sequences, heads and queries of the largest attention probability (1/keys for
+    uniform attention, 1 for one-hot) of a transformers model on int tokens [b, t]."""
+    import torch
+
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = "eager"  # the only implementation that returns the probabilities
+    try:
+        with torch.no_grad():
+            out = model(torch.from_numpy(np.asarray(tokens, np.int64)), output_attentions=True)
+    finally:
+        model.config._attn_implementation = previous
+    return float(np.mean([a.float().numpy().max(-1).mean() for a in out.attentions]))
 
 
 def hf_logits(model, tokens):
