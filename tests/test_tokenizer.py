@@ -1,6 +1,8 @@
 """K2 tokenizer: pattern rewrite, special tokens at official ids, round trips, long inputs, chat format."""
 
 import base64
+import json
+import os
 import re
 
 import numpy as np
@@ -189,3 +191,59 @@ def test_parse_tool_calls():
            "<|tool_calls_section_end|>")
     content, calls = parse_tool_calls(bad)
     assert calls == [] and content.startswith("ok") and "get_weather" in content and "functions.x:y" in content
+
+
+CONVERSATIONS = [
+    ([{"role": "user", "content": "hi", "name": "alice"}], None),
+    ([{"role": "system", "content": "Be brief.", "name": "policy"},
+      {"role": "user", "content": "Weather in Paris? «вопрос»", "name": "bob"},
+      {"role": "assistant", "content": "Checking.", "name": "kimi", "tool_calls": [
+          {"id": "functions.get_weather:0", "type": "function",
+           "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+          {"id": "functions.get_weather:1", "type": "function",
+           "function": {"name": "get_weather", "arguments": {"city": "Lyon", "note": "été"}}}]},
+      {"role": "tool", "tool_call_id": "functions.get_weather:0", "name": "get_weather", "content": "{\"c\": 21}"},
+      {"role": "tool", "tool_call_id": "functions.get_weather:1", "content": "{\"c\": 19}"},
+      {"role": "assistant", "content": "21 and 19."}], TOOLS),
+    ([{"role": "user", "content": "multi\nline"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "functions.x.y:0", "type": "function", "function": {"name": "x.y", "arguments": "{}"}}]}], TOOLS),
+]
+
+
+@pytest.mark.parametrize("i", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("generation_prompt", [True, False])
+def test_builtin_renderer_and_its_jinja2_form_agree_byte_for_byte(i, generation_prompt):
+    """The built-in renderer and tests/assets/k2_builtin.jinja, rendered through jinja2 with transformers'
+    settings (k2jax.text.chat.ChatTemplate), give the same text for conversations with names, tools, tool calls
+    and tool results; the template's turns (segments_from_text) carry the same generated-token marks."""
+    from k2jax.text.chat import ChatTemplate, render_segments
+
+    messages, tools = CONVERSATIONS[i]
+    template = ChatTemplate(open(os.path.join(os.path.dirname(__file__), "assets", "k2_builtin.jinja")).read(),
+                            "k2_builtin.jinja")
+    builtin = apply_chat_template(messages, tools, generation_prompt)
+    assert template.render(messages, tools, generation_prompt) == builtin
+    assert template.segments(messages, tools, generation_prompt) == render_segments(messages, tools, generation_prompt)
+    if any(m.get("name") for m in messages if m["role"] != "tool"):  # the name replaces the role in the header
+        named = next(m for m in messages if m.get("name") and m["role"] != "tool")
+        assert f"|>{named['name']}<|im_middle|>" in builtin
+
+
+def test_the_template_shipped_with_a_checkpoint_is_found_and_bad_ones_are_named(tmp_path):
+    """An HF folder's tokenizer_config.json chat_template (or chat_template.jinja, which wins) is used over the
+    built-in renderer; --chat_template names a missing file or a template with a syntax error and its line."""
+    from k2jax.errors import ChatFormatError
+    from k2jax.text.chat import load_chat_template
+
+    assert load_chat_template("", near=(str(tmp_path),)).source == "built-in"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}!"}))
+    found = load_chat_template("", near=(str(tmp_path),))
+    assert found.render([{"role": "user", "content": "hi"}]) == "hi!" and "tokenizer_config.json" in found.source
+    (tmp_path / "chat_template.jinja").write_text("[{{ messages | length }}]")
+    assert load_chat_template("", near=(str(tmp_path),)).render([{"role": "user", "content": "x"}]) == "[1]"
+    with pytest.raises(ChatFormatError, match="--chat_template=.*nope.jinja: file not found"):
+        load_chat_template(str(tmp_path / "nope.jinja"))
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("ok\n{% if %}")
+    with pytest.raises(ChatFormatError, match="bad.jinja, line 2"):
+        load_chat_template(str(bad))

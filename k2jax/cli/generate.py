@@ -27,6 +27,8 @@ flags.DEFINE_bool("merge", False, "A LoRA run's checkpoint: fold the adapters in
                   "then costs what the base costs); default: applied unmerged.")
 flags.DEFINE_string("base", "", "A LoRA run's base, when it has moved from the path recorded in its checkpoints (it "
                     "must hash the same).")
+flags.DEFINE_string("chat_template", "", "--chat: a jinja2 chat template file (default: the one in the tokenizer's "
+                    "folder, chat_template.jinja or tokenizer_config.json, else k2jax's built-in K2 renderer).")
 flags.DEFINE_string("system", None, "System prompt for --chat (default: K2's).")
 flags.mark_flag_as_required("checkpoint_dir")
 
@@ -43,7 +45,6 @@ def main(argv):
     import jax
 
     import k2jax
-    from k2jax.text.chat import apply_chat_template
 
     modes = sum(x is not None and x is not False for x in (FLAGS.prompt, FLAGS.prompt_ids, FLAGS.chat or None))
     if modes != 1:
@@ -68,9 +69,14 @@ def main(argv):
         stream_one(model, tok.encode(FLAGS.prompt, allow_special="all"), sample)
         print()
         return 0
+    import os
+
+    from k2jax.text.chat import load_chat_template
+
+    template = load_chat_template(FLAGS.chat_template, near=(os.path.dirname(tok.path),))
     messages = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
-    print(f"chat with {FLAGS.checkpoint_dir} on {jax.device_count()} {jax.default_backend()} device(s); "
-          "empty line or Ctrl-D to quit")
+    print(f"chat with {FLAGS.checkpoint_dir} on {jax.device_count()} {jax.default_backend()} device(s), chat "
+          f"template {template.source}; empty line or Ctrl-D to quit")
     while True:
         try:
             line = input("you> ")
@@ -80,7 +86,7 @@ def main(argv):
             break
         messages.append({"role": "user", "content": line})
         print("k2> ", end="", flush=True)
-        reply = stream_one(model, tok.encode(apply_chat_template(messages), allow_special="all"), sample)
+        reply = stream_one(model, tok.encode(template.render(messages), allow_special="all"), sample)
         print()
         messages.append({"role": "assistant", "content": reply})
     return 0

@@ -36,6 +36,9 @@ flags.DEFINE_enum("on_long", "drop", ["drop", "truncate"], "chat: a conversation
                   "truncated after its last whole turn that fits (counted either way).")
 flags.DEFINE_enum("on_bad", "error", ["error", "skip"], "chat: a malformed record stops with FILE:LINE before "
                   "training, or is skipped and counted.")
+flags.DEFINE_string("chat_template", "", "chat: a jinja2 chat template file (default: the one that ships with "
+                    "--init_from or the tokenizer's folder, chat_template.jinja or tokenizer_config.json, else k2jax's "
+                    "built-in K2 renderer); the run logs which one it uses.")
 flags.DEFINE_string("eval_data", "", "Held-out data (same format as --data): loss and token accuracy every --eval_every.")
 flags.DEFINE_integer("eval_every", 0, "Evaluate on --eval_data every this many steps (and at the end).")
 flags.DEFINE_string("init_from", "", "Start from these weights: a k2jax checkpoint or an HF folder (bf16, fp32 or the "
@@ -163,7 +166,7 @@ def main(argv):
                     data_workers=FLAGS.data_workers, z_loss=FLAGS.z_loss, data_format=FLAGS.data_format,
                     on_long=FLAGS.on_long, on_bad=FLAGS.on_bad, eval_data=FLAGS.eval_data,
                     eval_every=FLAGS.eval_every, init_from=FLAGS.init_from, max_bad_steps=FLAGS.max_bad_steps,
-                    lora=lora, base_quant=FLAGS.base_dtype if FLAGS.base_dtype in ("int8", "fp8") else "")
+                    chat_template=FLAGS.chat_template, lora=lora, base_quant=FLAGS.base_dtype if FLAGS.base_dtype in ("int8", "fp8") else "")
     # after the flags above are checked, so a bad one leaves no directory behind; before anything compiles
     use_compilation_cache(FLAGS.compilation_cache_dir, storage.join(FLAGS.workdir, "compile_cache"))
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)

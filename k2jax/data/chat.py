@@ -18,7 +18,7 @@ import numpy as np
 
 from k2jax import storage
 from k2jax.errors import ChatFormatError, DataError
-from k2jax.text.chat import render_segments
+from k2jax.text.chat import ChatTemplate
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -92,7 +92,7 @@ class ChatSource(grain.sources.RandomAccessDataSource):
     weighted = True  # make_dataset packs its items whole, weights with their tokens
 
     def __init__(self, path: str, tokenizer_path: str, seq_len: int, *, on_long: str = "drop",
-                 on_bad: str = "error"):
+                 on_bad: str = "error", chat_template: ChatTemplate | None = None):
         if on_long not in ("drop", "truncate"):
             raise DataError(f"--on_long: expected 'drop' or 'truncate', got {on_long!r}")
         if on_bad not in ("error", "skip"):
@@ -101,6 +101,7 @@ class ChatSource(grain.sources.RandomAccessDataSource):
             raise DataError(f"data file not found: {path}")
         self.name, self.path = path, storage.local_copy(path)
         self.tokenizer_path, self.seq_len = tokenizer_path, seq_len
+        self.template = chat_template or ChatTemplate()  # the checkpoint's jinja2 template, or the built-in one
         self._tok = None
         self.index, self.counts = [], ChatCounts()  # (byte offset, turns kept) of each conversation
         with open(self.path, "rb") as f:
@@ -147,7 +148,7 @@ class ChatSource(grain.sources.RandomAccessDataSource):
             from k2jax.text.tokenizer import load_tokenizer
 
             self._tok = load_tokenizer(self.tokenizer_path)
-        turns = render_segments(record["messages"], record.get("tools"), add_generation_prompt=False)
+        turns = self.template.segments(record["messages"], record.get("tools"), add_generation_prompt=False)
         return weighted_tokens(turns, self._tok)
 
     def __getstate__(self):  # grain workers load the tokenizer themselves

@@ -56,6 +56,7 @@ class RunConfig:
     eval_every: int = 0
     init_from: str = ""  # a k2jax checkpoint or an HF folder whose weights start the run (not its optimizer)
     max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
+    chat_template: str = ""  # chat: a jinja2 template file; "" = the one shipped with --init_from or the tokenizer
     lora: LoraConfig | None = None  # train low-rank adapters over the frozen --init_from base
     base_quant: str = ""  # LoRA: hold the base as "int8" (per output channel) or "fp8" (128x128 blocks)
 
@@ -91,9 +92,15 @@ def open_data(run: RunConfig, config: K2Config, log, path: str | None = None):
     data_path = path or data_path
     load_tokenizer(tok_path).check_model(config)
     if run.data_format == "chat":
-        from k2jax.data.chat import ChatSource
+        import os
 
-        source = ChatSource(data_path, tok_path, run.seq, on_long=run.on_long, on_bad=run.on_bad)
+        from k2jax.data.chat import ChatSource
+        from k2jax.text.chat import load_chat_template
+
+        template = load_chat_template(run.chat_template, near=(run.init_from, os.path.dirname(tok_path)))
+        log(f"chat template: {template.source}")
+        source = ChatSource(data_path, tok_path, run.seq, on_long=run.on_long, on_bad=run.on_bad,
+                            chat_template=template)
         log(f"data: {source.counts.summary(data_path)}")
         return source, tok_path
     source = open_source(data_path, run.text_field, run.on_missing_text)
