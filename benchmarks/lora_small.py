@@ -75,6 +75,9 @@ def main():
     p.add_argument("--set", action="append", default=[], help="config override key=value")
     p.add_argument("--only", choices=("full", "lora"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    from k2jax.runtime import quiet_platforms
+
+    quiet_platforms()  # a CPU host with libtpu installed: no TPU initialisation noise
     if args.only:
         print("RESULT " + json.dumps(run_one(args, args.only)))
         return
