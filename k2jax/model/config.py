@@ -112,8 +112,7 @@ class Execution:
     moe_block_size: int = 0  # rows per block of the grouped matmul; 0 picks one from the token count
     moe_capacity_factor: float = 0.0  # >0: expert-parallel row buffers hold this x the balanced load (not dropless)
     moe_block_unroll: int = 1  # unroll of the loop over blocks; 0 unrolls fully (so cost_analysis counts every block)
-    attn_chunk: int = 0  # >0: attention over query chunks of this length (memory ~chunk x seq, causal key blocks
-    # past each chunk skipped) for sequences it divides; 0 (or a length it does not divide) = one [seq, seq] matrix
+    attn_chunk: int = 0  # >0: query chunks of this length (memory ~chunk x seq) where it divides seq; 0: one matrix
 
     def replace(self, **changes: Any) -> "Execution":
         """Returns a copy with fields changed (type-checked, validated)."""
@@ -231,13 +230,10 @@ def _coerce(key: str, type_name: Any, value: Any) -> Any:
         type_name = type_name[: -len(" | None")]
     try:
         if type_name == "bool":
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes"):
-                    return True
-                if value.lower() in ("0", "false", "no"):
-                    return False
-                raise ValueError(value)
-            if not isinstance(value, (bool, int)):
+            words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+            if isinstance(value, str) and value.lower() in words:
+                return words[value.lower()]
+            if isinstance(value, str) or not isinstance(value, (bool, int)):
                 raise ValueError(value)
             return bool(value)
         if type_name == "int":
