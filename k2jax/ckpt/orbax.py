@@ -49,6 +49,10 @@ def _quiet_abandoned_reads():
                 record.getMessage()
 
     logging.getLogger("asyncio").addFilter(_DropEchoes())
+    # the abandoned reads' coroutines, collected at exit, warn "never awaited" (and "Enable tracemalloc ...")
+    import warnings
+
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 _quiet_abandoned_reads()
