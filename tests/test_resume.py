@@ -1,5 +1,5 @@
 """k2jax-train as users run it: kill -9 and resume (the compiled step from the persistent compilation cache),
-SIGTERM, and two processes x 4 devices."""
+SIGTERM, and two processes x 4 devices against one of 8."""
 
 import json
 import os
@@ -113,20 +113,64 @@ def _check_tensorboard_events(workdir, losses):
         read_events(path + ".bad")
 
 
-def test_two_processes_match_one_process(tmp_path):
+def _train_json(workdir, step):
+    """The `train` item of a checkpoint: step and every process's data position."""
+    return json.load(open(os.path.join(workdir, str(step), "train", "metadata")))
+
+
+def test_two_cli_processes_train_as_one_eight_device_process(run_args, tmp_path):
+    """`k2jax-train --coordinator_address=... --num_processes=2 --process_id=i`, 2 processes x 4 devices: the losses
+    of one 8-device process; each process reads its own rows of the batch (rows 0-3 and 4-7, at the positions the
+    one process reached for those rows: disjoint documents that together cover the corpus); one checkpoint written
+    once; a resume by the two processes, and by one 8-device process, continuing with the same losses."""
+    import shutil
+
     import portpicker
 
-    port = portpicker.pick_unused_port()
-    worker = os.path.join(HERE, "multiprocess_worker.py")
-    procs = [subprocess.Popen([sys.executable, worker, str(tmp_path / "multi.json"), f"127.0.0.1:{port}", str(i), "2"],
-                              env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    single = subprocess.run([sys.executable, worker, str(tmp_path / "single.json")], env=_env(8), capture_output=True,
-                            text=True, timeout=600)
-    for p in procs:
-        out = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, out
-    assert single.returncode == 0, single.stderr
-    multi, one = (json.load(open(tmp_path / f)) for f in ("multi.json", "single.json"))
-    assert multi["processes"] == 2 and multi["devices"] == 8 and one["processes"] == 1 and one["devices"] == 8
-    assert multi["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    from pydoc_data.topics import topics
+
+    corpus = [topics[k][:150] for k in sorted(topics)[:30]]  # short: six steps read it through
+    data = tmp_path / "short.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus))
+    args = [a for a in run_args if not a.startswith(("--batch=", "--data="))] + [
+        "--batch=8", f"--data={data}", f"--compilation_cache_dir={tmp_path}/cc"]
+
+    def run(workdir, steps, processes):
+        port = portpicker.pick_unused_port()
+        dist = [[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+                for i in range(processes)] if processes > 1 else [[]]
+        procs = [subprocess.Popen([sys.executable, "-m", "k2jax.cli.train", f"--workdir={workdir}", f"--steps={steps}",
+                                   *args, *d], env=_env(8 // processes), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for d in dist]
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+        for p, out in zip(procs, outs):
+            assert p.returncode == 0, out[-4000:]
+        return outs[0]
+
+    run(tmp_path / "one", 6, 1)
+    out = run(tmp_path / "two", 3, 2)
+    assert "2 process(es)" in out, out
+    shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")
+    out = run(tmp_path / "two", 6, 2)
+    assert f"resumed from {tmp_path / 'two' / '3'} at step 3" in out, out
+    out = run(tmp_path / "two_then_one", 6, 1)
+    assert "rows 0..7 resume from the positions of 2 saved process(es)" in out, out
+
+    one, two, mixed = (_losses(tmp_path / w) for w in ("one", "two", "two_then_one"))
+    assert sorted(one) == sorted(two) == sorted(mixed) == list(range(1, 7))
+    assert two == pytest.approx(one, abs=2e-5) and mixed == pytest.approx(one, abs=2e-5)
+    assert max(one.values()) - min(one.values()) > 1e-2  # positive control: the steps' losses differ by far more
+    # one checkpoint per saved step, written once: one metrics line per step
+    for w in ("two", "two_then_one"):
+        assert sorted(d for d in os.listdir(tmp_path / w) if d.isdigit()) == ["3", "6"]
+    assert len(open(tmp_path / "two" / "metrics.jsonl").read().splitlines()) == 6
+    # the data: each process its own rows, at the positions the one process reached for them
+    saved_two = _train_json(tmp_path / "two", 6)["data_by_process"]
+    (saved_one,) = _train_json(tmp_path / "one", 6)["data_by_process"]
+    assert [e["rows"] for e in saved_two] == [[0, 4], [4, 8]] and saved_one["rows"] == [0, 8]
+    by_row = {r: st for e in saved_two for r, st in e["state"]["rows"].items()}
+    assert by_row == saved_one["state"]["rows"]
+    docs = sum(st["parent_state"]["next_index"] for st in by_row.values())  # documents the rows have begun
+    assert docs >= len(corpus), docs  # the rows together have read through the corpus
+
+

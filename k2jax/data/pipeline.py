@@ -163,29 +163,41 @@ class Tokenize(grain.transforms.Map):
         return {"tokens": np.asarray(self._tok.encode(text, bos=self.add_bos, eos=True), np.int32)}
 
 
-def make_dataset(source, tokenizer_path: str, *, seq_len: int, batch_size: int, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
-                 worker_count: int = 0, add_bos: bool = False, drop_remainder: bool = True) -> grain.IterDataset:
-    """Batches {"tokens", "segment_ids", "positions"} of [batch_size, seq_len] int32 for this process.
+PACK_BINS = 4  # open rows per stream when packing whole conversations (first fit)
 
-    Documents are sharded by process (disjoint), shuffled with `seed` (reshuffled each epoch), tokenised
-    with EOS appended (in `worker_count` grain worker processes), and packed: segment ids number the
+
+def make_dataset(source, tokenizer_path: str, *, seq_len: int, batch_size: int, rows: range | None = None,
+                 seed: int = 0, num_epochs: int | None = None, worker_count: int = 0, add_bos: bool = False,
+                 drop_remainder: bool = True) -> grain.IterDataset:
+    """Batches {"tokens", "segment_ids", "positions"} of [len(rows), seq_len] int32: rows `rows` of the global
+    batch of `batch_size` rows (all of them by default).
+
+    Every row of the global batch is its own stream: the documents, shuffled with `seed` (reshuffled each epoch),
+    are dealt to the rows in turn (row r reads documents r, r + batch_size, ...), tokenised with EOS appended and
+    packed into that row only, so a document split at the end of a row continues in the same row of the next batch.
+    A batch is therefore the same whatever the number of processes that read it and however its rows are divided
+    among them; processes read disjoint documents that together cover the corpus. Segment ids number the
     documents of a row from 1 (0 is padding) and positions restart at 0 for each document. A chat source
-    (k2jax.data.chat.ChatSource) gives tokenised conversations with loss weights: they are packed whole
-    (first fit, never split across rows) and the batches carry "weights" too.
+    (k2jax.data.chat.ChatSource) gives tokenised conversations with loss weights: they are packed whole (first fit,
+    never split across rows) and the batches carry "weights" too. With `num_epochs` set, a row that runs out
+    ends the iteration (`drop_remainder`) or is filled with padding rows until every row has run out.
     """
-    if not 0 <= process_index < process_count:
-        raise DataError(f"process_index {process_index} must lie in [0, process_count={process_count})")
-    if len(source) < process_count:
-        raise DataError(f"{source!r} has {len(source)} documents, fewer than the {process_count} processes")
-    ds = grain.MapDataset.source(source)[process_index::process_count].shuffle(seed=seed).repeat(num_epochs)
-    if getattr(source, "weighted", False):  # conversations, tokenised with loss weights: whole ones per row
-        ds = gex.FirstFitPackIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len, "weights": seq_len},
-                                         num_packing_bins=batch_size, seed=seed, shuffle_bins=False)
-    else:
-        ds = ds.map(Tokenize(tokenizer_path, add_bos)).to_iter_dataset()
-        ds = gex.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len})
-    ds = ds.map(_rename).batch(batch_size, drop_remainder=drop_remainder)
+    rows = range(batch_size) if rows is None else rows
+    if rows.step != 1 or not 0 <= rows.start < rows.stop <= batch_size:
+        raise DataError(f"rows {rows} must be a non-empty contiguous part of the {batch_size} rows of the batch")
+    docs = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+    streams = []
+    for r in rows:
+        ds = docs[r::batch_size]
+        if getattr(source, "weighted", False):  # conversations, tokenised with loss weights: whole ones per row
+            ds = gex.FirstFitPackIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len,
+                                                                                    "weights": seq_len},
+                                             num_packing_bins=PACK_BINS, seed=seed, shuffle_bins=False)
+        else:
+            ds = ds.map(Tokenize(tokenizer_path, add_bos)).to_iter_dataset()
+            ds = gex.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len})
+        streams.append(ds.map(_rename))
+    ds = RowBatchDataset(streams, rows, drop_remainder)
     if worker_count > 0:
         from absl import flags
 
@@ -193,6 +205,109 @@ def make_dataset(source, tokenizer_path: str, *, seq_len: int, batch_size: int, 
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return ds
+
+
+class RowBatchDataset(grain.IterDataset):
+    """Stacks one row from each of its row streams into a batch."""
+
+    def __init__(self, streams, rows: range, drop_remainder: bool):
+        super().__init__(streams)
+        self.rows, self.drop_remainder = rows, drop_remainder
+
+    def __iter__(self):
+        return _RowBatchIterator([iter(p) for p in self.parents], self.rows, self.drop_remainder)
+
+    def __str__(self):
+        return f"RowBatchDataset(rows={self.rows.start}..{self.rows.stop - 1})"
+
+
+class _RowBatchIterator(grain.DatasetIterator):
+    def __init__(self, parents, rows: range, drop_remainder: bool):
+        super().__init__(parents)
+        self.rows, self.drop_remainder = rows, drop_remainder
+        self.done = [False] * len(parents)
+        self.template = None
+
+    def __next__(self):
+        out = []
+        for i, p in enumerate(self._parents):
+            if not self.done[i]:
+                try:
+                    out.append(next(p))
+                    continue
+                except StopIteration:
+                    self.done[i] = True
+                    if self.drop_remainder:
+                        raise
+            out.append(None)
+        if all(x is None for x in out):
+            raise StopIteration
+        self.template = next(x for x in out if x is not None)
+        pad = {k: np.zeros_like(v) for k, v in self.template.items()}  # segment 0: no loss
+        return {k: np.stack([(x if x is not None else pad)[k] for x in out]) for k in self.template}
+
+    def get_state(self):
+        """Each row's stream state under its global row index, so that rows can be dealt to other processes."""
+        return {"rows": {str(r): p.get_state() for r, p in zip(self.rows, self._parents)},
+                "done": {str(r): d for r, d in zip(self.rows, self.done)}}
+
+    def set_state(self, state):
+        missing = [r for r in self.rows if str(r) not in state["rows"]]
+        if missing:
+            raise DataError(f"the saved data position has no state for rows {missing[:4]}")
+        for r, p in zip(self.rows, self._parents):
+            p.set_state(_slices_as_tuples(state["rows"][str(r)]))
+        self.done = [bool(state.get("done", {}).get(str(r), False)) for r in self.rows]
+
+
+def _slices_as_tuples(state):
+    """A state read back from JSON with its packing slices as tuples again: ConcatThenSplit tells "no remainder"
+    by comparing its slices with the tuple (-1, -1), which a JSON list never equals."""
+    if isinstance(state, dict):
+        return {k: ({f: tuple(v) for f, v in x.items()} if k == "remainder_slices" and isinstance(x, dict)
+                    else _slices_as_tuples(x)) for k, x in state.items()}
+    return state
+
+
+def rows_of_process(batch_size: int, mesh, rules) -> range:
+    """The rows of the global batch that this process's devices hold (contiguous for every k2jax mesh)."""
+    from k2jax.model.sharding import batch_divisor
+
+    if batch_size % batch_divisor(mesh, rules):
+        raise DataError(f"--batch={batch_size} must be divisible by the {batch_divisor(mesh, rules)} ways the mesh "
+                        "splits the batch")
+    sharding = rules.sharding(("batch", None), mesh)
+    held = set()
+    for index in sharding.addressable_devices_indices_map((batch_size, 1)).values():
+        held.update(range(batch_size)[index[0]])
+    lo, hi = min(held), max(held) + 1
+    if len(held) != hi - lo:
+        raise DataError(f"this process holds rows {sorted(held)[:8]}... of the batch, not a contiguous range; "
+                        "order the mesh's devices by process")
+    return range(lo, hi)
+
+
+def position_for(saved: list, rows: range, note=print):
+    """This process's data position from every process's saved {"rows": [lo, hi], "state": ...}: its own entry
+    when a process of the saved run read the same rows, otherwise assembled row by row (a run resumed on a
+    different number of hosts; possible when the states are per row, i.e. without --data_workers)."""
+    if not saved or not all(isinstance(e, dict) and "rows" in e and "state" in e for e in saved):
+        raise DataError("the checkpoint's data position was saved by an earlier version of k2jax, whose data order "
+                        "differs; start a new workdir with --init_from=<that step>")
+    for e in saved:
+        if list(e["rows"]) == [rows.start, rows.stop]:
+            return e["state"]
+    merged, done = {}, {}
+    for e in saved:
+        if not isinstance(e["state"].get("rows"), dict):
+            raise DataError(f"the checkpoint's data position was saved by processes reading rows "
+                            f"{[e['rows'] for e in saved]}, this process reads {rows.start}..{rows.stop - 1}; with "
+                            "--data_workers the position cannot be divided anew: resume on the same number of "
+                            "hosts, or with the --data_workers=0 the run was saved with")
+        merged.update(e["state"]["rows"])
+        done.update(e["state"].get("done", {}))
+    note(f"data: rows {rows.start}..{rows.stop - 1} resume from the positions of {len(saved)} saved process(es)")
+    return {"rows": merged, "done": done}
 
 
 def _rename(x):

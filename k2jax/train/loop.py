@@ -17,7 +17,7 @@ import numpy as np
 
 from k2jax import storage
 from k2jax.ckpt import orbax as ckpt
-from k2jax.data.pipeline import global_batch, make_dataset, open_source
+from k2jax.data.pipeline import global_batch, make_dataset, open_source, position_for, rows_of_process
 from k2jax.errors import ConfigError, TrainingError
 from k2jax.hardware import peak_flops_per_device
 from k2jax.model.config import Execution, K2Config
@@ -113,15 +113,16 @@ def open_data(run: RunConfig, config: K2Config, log, path: str | None = None):
 def eval_batches(run: RunConfig, config: K2Config, trainer: Trainer, log) -> list:
     """The held-out set as global batches (one pass; the last batch padded with empty rows)."""
     source, tok_path = open_data(run, config, log, run.eval_data)
-    nproc = jax.process_count()
-    ds = make_dataset(source, tok_path, seq_len=run.seq, batch_size=run.batch // nproc, seed=0,
-                      process_index=jax.process_index(), process_count=nproc, num_epochs=1, drop_remainder=False)
-    out = []
-    for b in ds:
-        short = run.batch // nproc - len(b["tokens"])
-        if short:  # padding rows: segment 0, weight 0, so they carry no loss
-            b = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
-        out.append(global_batch(b, trainer.mesh, trainer.rules))
+    ds = make_dataset(source, tok_path, seq_len=run.seq, batch_size=run.batch, seed=0,
+                      rows=rows_of_process(run.batch, trainer.mesh, trainer.rules), num_epochs=1,
+                      drop_remainder=False)  # rows that run out first are padded: segment 0, weight 0, no loss
+    local = list(ds)
+    if jax.process_count() > 1 and local:  # every process takes part in every batch: pad to the longest
+        from jax.experimental import multihost_utils
+
+        n = int(np.max(multihost_utils.process_allgather(np.asarray([len(local)], np.int64))))
+        local += [{k: np.zeros_like(v) for k, v in local[0].items()}] * (n - len(local))
+    out = [global_batch(b, trainer.mesh, trainer.rules) for b in local]
     if not out:
         raise ConfigError(f"--eval_data={run.eval_data}: no batch of held-out data")
     return out
@@ -253,19 +254,18 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print,
 
     Checkpoints are written only from applied steps: a save that falls on a step the device did not apply is
     skipped, and a run stopped (SIGTERM, or `max_bad_steps` non-finite steps in a row) saves its last good step."""
-    pid, nproc = jax.process_index(), jax.process_count()
-    if run.batch % nproc:
-        raise ConfigError(f"--batch={run.batch} must be divisible by the {nproc} processes")
+    pid = jax.process_index()
     check_paths(run)
     source, tok_path = open_data(run, config, log)
     trainer = Trainer(config, optim, mesh, loss=LossConfig(z_loss=run.z_loss), microbatches=run.microbatches,
                       execution=execution, lora=run.lora, seed=run.seed, base_quant=run.base_quant)
     mgr = ckpt.manager(run.workdir, max_to_keep=run.keep, save_interval_steps=1, async_save=run.async_save)
-    state, data_state, step = start_state(trainer, mgr, run, log)
-    it = iter(make_dataset(source, tok_path, seq_len=run.seq, batch_size=run.batch // nproc, seed=run.seed,
-                           process_index=pid, process_count=nproc, worker_count=run.data_workers))
-    if data_state is not None:
-        it.set_state(data_state)
+    rows = rows_of_process(run.batch, mesh, trainer.rules)
+    state, saved_data, step = start_state(trainer, mgr, run, log)
+    it = iter(make_dataset(source, tok_path, seq_len=run.seq, batch_size=run.batch, rows=rows, seed=run.seed,
+                           worker_count=run.data_workers))
+    if saved_data is not None:
+        it.set_state(position_for(saved_data, rows, log))
     stop = {"sigterm": False}
 
     def next_batch():
@@ -297,7 +297,8 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print,
                 log(f"step {at}: not saved (not applied; newest checkpoint: step {saved['step']})")
             return
         out = state if good else dataclasses.replace(state, step=jnp.asarray(label, jnp.int32))
-        mgr.save(label, args=train_save_args(trainer, out, it.get_state()), force=force)
+        mgr.save(label, args=train_save_args(trainer, out, {"rows": [rows.start, rows.stop], "state": it.get_state()}),
+                 force=force)
         saved["step"] = label
         if not good:
             log(f"saved step {label}, the last good step (step {at} was not applied)")

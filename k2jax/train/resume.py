@@ -47,7 +47,7 @@ def load_weights(path: str, trainer: Trainer):
 
 
 def start_state(trainer: Trainer, mgr: ocp.CheckpointManager, run, log):
-    """(train state, data-iterator state or None, first step): the newest intact checkpoint's, or a fresh start.
+    """(train state, every process's saved data position or None, first step): the newest intact checkpoint's, or a fresh start.
 
     A checkpoint that cannot be read (a truncated or missing file) is reported by step and file, moved aside to
     `<step>.damaged` (kept, never deleted) by process 0, and the next older step is tried."""
@@ -129,8 +129,9 @@ def _set_aside(workdir: str, step: int, log):
 
 
 def train_save_args(trainer: Trainer, state, data_state) -> ocp.args.Composite:
-    """The Orbax items of a training checkpoint: model, config, optimizer state, step and the data-iterator state
-    of every process (each reads its own shard; Orbax writes JSON from process 0 only, so they are gathered)."""
+    """The Orbax items of a training checkpoint: model, config, optimizer state, step and the data position of
+    every process (its rows of the batch and their iterator state; Orbax writes JSON from process 0 only, so they
+    are gathered)."""
     train = {"step": int(state.step), "data_by_process": _gather_json(_jsonable(data_state))}
     if trainer.lora is not None:  # the adapters only, with the reference to the base
         from k2jax.ckpt.lora import lora_record
@@ -164,7 +165,8 @@ def _from_jsonable(x):
 
 
 def restore_train_state(mgr: ocp.CheckpointManager, step: int, trainer: Trainer):
-    """(TrainState, data-iterator state) of a saved step, every array restored into the trainer's shardings."""
+    """(TrainState, every process's saved data position) of a saved step, every array restored into the trainer's
+    shardings."""
     abstract = trainer.abstract_state()
     model_abs = abstract.params if trainer.lora is not None else \
         nnx.state(nnx.merge(trainer.graphdef, abstract.params, abstract.bias))
@@ -178,16 +180,8 @@ def restore_train_state(mgr: ocp.CheckpointManager, step: int, trainer: Trainer)
     else:
         _, params, bias = nnx.split(nnx.merge(trainer.graphdef, model_state), nnx.Param, RouterBias)
     step_arr = jax.device_put(jnp.asarray(restored.train["step"], jnp.int32), trainer.replicated)
-    by_process = restored.train.get("data_by_process")
-    if by_process is None:  # checkpoints of earlier versions: one process's state
-        data = restored.train.get("data")
-    elif len(by_process) == jax.process_count():
-        data = by_process[jax.process_index()]
-    else:
-        raise CheckpointError(
-            f"step {step}: its data positions were saved by {len(by_process)} processes, this run has "
-            f"{jax.process_count()}; each process reads its own shard of the data, so the position cannot be carried "
-            "over: resume with the same number of hosts, or start a new workdir with --init_from=<this step>")
+    # every process's {"rows", "state"}; checkpoints of earlier versions hold bare states (refused by the loop)
+    data = restored.train.get("data_by_process") or [restored.train.get("data")]
     return TrainState(params, bias, restored.opt_state, step_arr), _from_jsonable(data)
 
 
