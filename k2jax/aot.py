@@ -56,8 +56,11 @@ def parse_oom(text: str) -> DoesNotFit | None:
 
 def _compile_or_oom(lowered):
     """lowered.compile(), turning the compiler's out-of-HBM error into DoesNotFit with the sizes."""
+    from k2jax.progress import busy
+
     try:
-        return lowered.compile()
+        with busy("compiling"):
+            return lowered.compile()
     except Exception as e:  # jax raises JaxRuntimeError(RESOURCE_EXHAUSTED ...)
         oom = parse_oom(str(e))
         if oom is None:
@@ -108,7 +111,12 @@ def parse_topology(name: str) -> tuple[Chip, int, str]:
 
 def topology_devices(name: str):
     """(chip, TPU devices of the named topology) compiled for from this host."""
+    from k2jax.runtime import accelerator_present
+
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    if not accelerator_present():  # say there is no TPU pod here, or libtpu prints its failed probes of the host
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", name)
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     from jax.experimental import topologies
 
     chip, chips, topo = parse_topology(name)

@@ -17,7 +17,8 @@ HOST_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRI
 OPT_OUT = "K2JAX_HOST_MALLOC"  # =0 keeps the process's malloc settings
 
 
-def _accelerator_present() -> bool:
+def accelerator_present() -> bool:
+    """Whether this host has an accelerator device (TPU or NVIDIA GPU) node."""
     return any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0", "/dev/nvidia0", "/dev/nvidiactl"))
 
 
@@ -26,7 +27,7 @@ def quiet_platforms(environ=os.environ) -> bool:
     platforms: an installed libtpu (the test extras bring it for AOT compilation) otherwise probes for a TPU and
     prints its initialisation errors ("Failed to find host bounds...", "TPU_WORKER_HOSTNAMES") before every
     command's own output. Returns whether it did. AOT compilation for TPU topologies is unaffected."""
-    if "JAX_PLATFORMS" in environ or _accelerator_present():
+    if "JAX_PLATFORMS" in environ or accelerator_present():
         return False
     environ["JAX_PLATFORMS"] = "cpu"
     return True
@@ -39,7 +40,7 @@ def host_malloc_env(environ, *, accelerator: bool | None = None, libc: str | Non
         return None
     if (libc if libc is not None else platform.libc_ver()[0]) != "glibc":
         return None
-    accelerator = _accelerator_present() if accelerator is None else accelerator
+    accelerator = accelerator_present() if accelerator is None else accelerator
     if accelerator and environ.get("JAX_PLATFORMS", "").strip().lower() != "cpu":
         return None
     return {**environ, **HOST_MALLOC_ENV}

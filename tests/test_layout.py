@@ -14,14 +14,14 @@ ROOT = os.path.dirname(k2jax.__file__)
 # The layers of k2jax, lowest first: a package may import its own modules and those of lower layers only
 # (packages in one layer are independent of each other). k2jax/__init__.py, the lazy facade, is exempt.
 LAYERS = [
-    ("errors", "runtime", "hardware"),
+    ("errors", "runtime", "hardware", "progress"),
     ("storage",),
     ("model",),
     ("text",),
     ("data",),
     ("ckpt",),
     ("inference", "train"),
-    ("aot", "testing"),
+    ("aot", "testing", "explore"),
     ("cli",),
 ]
 # inside k2jax.model, the same rule by module

@@ -40,13 +40,13 @@ def test_commands_on_a_host_without_tpu_do_not_print_libtpu_errors():
     this accelerator-less host; the positive control (plain JAX in the same environment) shows they would appear."""
     import shutil
 
-    from k2jax.runtime import _accelerator_present, quiet_platforms
+    from k2jax.runtime import accelerator_present, quiet_platforms
 
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     noise = ("Failed to find host bounds", "TPU_WORKER_HOSTNAMES")
     control = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,
                              text=True, timeout=300)
-    assert not _accelerator_present()
+    assert not accelerator_present()
     assert any(n in control.stderr for n in noise), control.stderr  # libtpu is installed and would speak
     exe = shutil.which("k2jax-forward")
     assert exe, "k2jax-forward is a console script of the package"
@@ -54,6 +54,11 @@ def test_commands_on_a_host_without_tpu_do_not_print_libtpu_errors():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "tokens/s" in r.stdout and not any(n in r.stderr for n in noise), r.stderr
+    # compiling for a TPU topology loads libtpu for real: still quiet
+    code = "from k2jax.aot import topology_devices; print(len(topology_devices('v5p-8')[1]))"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["4"], r.stderr
+    assert not any(n in r.stderr for n in noise), r.stderr
     chosen = {"JAX_PLATFORMS": "tpu"}  # a user's choice is kept
     assert not quiet_platforms(chosen) and chosen == {"JAX_PLATFORMS": "tpu"}
     empty = {}

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import threading
 import time
 
@@ -26,6 +25,7 @@ import tensorstore as ts
 from flax import nnx
 
 from k2jax import storage
+from k2jax.progress import bar
 from k2jax.ckpt.hf import FP8_BLOCK, HFSource, TensorMap, tensor_maps
 from k2jax.ckpt.orbax import config_to_json, read_config, resolve_step_dir
 from k2jax.ckpt.safetensors import SafetensorsFolder, write_safetensors
@@ -63,26 +63,21 @@ def _spec(path: str, shape, chunks, dtype, create: bool):
 
 
 class Progress:
-    """Thread-safe tensors-done / total and source GB/s on one status line."""
+    """Tensors done of the total and the GB/s read, as a progress bar (k2jax.progress: silent off a terminal)."""
 
     def __init__(self, total: int, quiet: bool):
-        self.total, self.done, self.bytes, self.quiet = total, 0, 0, quiet
-        self.t0, self.lock, self.shown = time.perf_counter(), threading.Lock(), 0.0
+        self.bar = bar(total, "tensors", unit="tensor", quiet=quiet)
+        self.bytes, self.t0, self.lock = 0, time.perf_counter(), threading.Lock()
 
     def add(self, nbytes: int, count: int = 1):
         with self.lock:
-            self.done += count
             self.bytes += nbytes
-            now = time.perf_counter()
-            if not self.quiet and (now - self.shown > 0.5 or self.done == self.total):
-                self.shown = now
-                rate = self.bytes / max(time.perf_counter() - self.t0, 1e-9) / 1e9
-                print(f"\r{self.done}/{self.total} tensors, {self.bytes / 1e9:.2f} GB read, {rate:.2f} GB/s",
-                      end="", file=sys.stderr, flush=True)
+            rate = self.bytes / max(time.perf_counter() - self.t0, 1e-9) / 1e9
+            self.bar.set_postfix_str(f"{self.bytes / 1e9:.2f} GB read, {rate:.2f} GB/s", refresh=False)
+            self.bar.update(count)
 
     def finish(self):
-        if not self.quiet:
-            print(file=sys.stderr)
+        self.bar.close()
 
 
 def _digest(a: np.ndarray) -> str:

@@ -58,6 +58,20 @@ def _quiet_abandoned_reads():
 _quiet_abandoned_reads()
 
 
+class _DropReadOnlyNotices(logging.Filter):
+    """Orbax warns on every read-only open of a checkpoint (each k2jax.load): that it is read-only, and that the
+    items it was not asked for were not restored. Neither is news to a reader; both fill a notebook."""
+
+    NOTICES = ("read_only=True, setting save_interval_steps=0", "Given directory is read only",
+               "was found in the checkpoint, but could not be restored")
+
+    def filter(self, record):
+        return not any(n in record.getMessage() for n in self.NOTICES)
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotices())
+
+
 def config_to_json(config: K2Config, param_dtype: str, lora: dict | None = None) -> dict:
     """The `config` item: the architecture and the dtype of the saved parameters (a LoRA run's checkpoint adds
     `lora`: its LoraConfig and the reference to its base, k2jax.ckpt.lora)."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -17,6 +18,35 @@ from k2jax.model.init import init_model, place
 from k2jax.model.sharding import ShardingRules, batch_divisor, make_mesh
 
 
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """What the routers did for some tokens: each MoE layer's chosen experts and weights per token, the tokens
+    routed to each expert, and each layer's largest attention logit per head (the quantity QK-Clip caps)."""
+
+    moe_layers: list[int]  # the model layer index of each MoE layer
+    experts: np.ndarray  # [moe layers, b, t, k] int32, by descending weight
+    weights: np.ndarray  # [moe layers, b, t, k] float32 (routed_scaling_factor applied)
+    load: np.ndarray  # [moe layers, experts] tokens routed to each expert (padding, segment 0, left out)
+    max_logit: np.ndarray  # [layers, heads] largest pre-softmax attention logit
+
+    def __repr__(self):
+        n, b, t, k = self.experts.shape
+        mean = self.load.mean(1, keepdims=True)
+        worst = float((self.load / np.maximum(mean, 1e-9)).max()) if self.load.size else 0.0
+        return (f"Routing({n} MoE layers x {self.load.shape[1]} experts, top-{k}, {b}x{t} tokens; the busiest expert "
+                f"takes {worst:.2f}x its layer's mean load; max attention logit {float(self.max_logit.max()):.2f})")
+
+
+LONG_GENERATION = 64  # from this many new tokens on, generate shows a progress bar (on a terminal or in a notebook)
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
 class Model:
     """A K2 model placed on a mesh: architecture, execution settings, mesh, rules, graphdef and the sharded state."""
 
@@ -27,6 +57,22 @@ class Model:
         self.execution = execution or Execution()
         self.tokenizer = tokenizer
         self._samplers = {}
+
+    def __repr__(self):
+        from k2jax.model.init import param_count
+
+        c, run = self.config, self.execution
+        total, active = param_count(c)
+        axes = ",".join(f"{a}={n}" for a, n in self.mesh.shape.items() if n > 1) or "one device"
+        extras = ([f"LoRA rank {self.lora.rank} on {','.join(self.lora.targets)} (unmerged)"] if self.lora else []) + \
+            ([f"tokenizer {self.tokenizer.path}"] if self.tokenizer is not None else [])
+        return "\n".join([
+            f"k2jax.Model: {c.num_hidden_layers} layers ({c.num_dense_layers} dense + {c.num_moe_layers} MoE), hidden "
+            f"{c.hidden_size}, {c.num_attention_heads} MLA heads (q latent {c.q_lora_rank}, kv latent {c.kv_lora_rank}), "
+            f"{c.n_routed_experts} routed experts top-{c.num_experts_per_tok} + {c.n_shared_experts} shared, vocab "
+            f"{c.vocab_size}, context {c.max_position_embeddings}",
+            f"  {_count(total)} parameters ({_count(active)} active per token), {run.param_dtype} weights computing in "
+            f"{run.dtype}; mesh {axes} ({self.mesh.size} devices)", *(f"  {e}" for e in extras)])
 
     def with_execution(self, execution: Execution | None = None, **changes) -> "Model":
         """The same weights run with other execution settings (a new graph over the same arrays, nothing copied)."""
@@ -68,8 +114,18 @@ class Model:
             prompts = [self.tokenizer.encode(p, allow_special="all") for p in prompts]
         if stop is None:
             stop = [self.config.eos_token_id] + ([self.tokenizer.im_end_id] if self.tokenizer else [])
-        outs = self.sampler(cache_dtype).generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                                  top_k=top_k, top_p=top_p, seed=seed, stop=stop, stream=stream)
+        from k2jax import progress
+
+        shown = None
+        if stream is None and max_new_tokens >= LONG_GENERATION and progress.enabled():  # a bar per token
+            shown = progress.bar(max_new_tokens, "generating", unit="tok")
+            stream = lambda step, tokens, done: shown.update(1)  # noqa: E731
+        try:
+            outs = self.sampler(cache_dtype).generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                      top_k=top_k, top_p=top_p, seed=seed, stop=stop, stream=stream)
+        finally:
+            if shown is not None:
+                shown.close()
         return [self.tokenizer.decode(o) for o in outs] if strings else outs
 
     @property
@@ -84,8 +140,8 @@ class Model:
 
         return jax.jit(fwd)
 
-    def logits(self, token_ids, positions=None, segment_ids=None) -> jax.Array:
-        """float32 logits [batch, seq, vocab] for int token ids [batch, seq] (optional positions / segment ids)."""
+    def _place(self, token_ids, positions, segment_ids):
+        """Checked, batch-padded, sharded (tokens, positions, segment ids); and the real batch size."""
         tokens = np.asarray(token_ids)
         if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
             raise DecodeError(f"token_ids: expected an int array [batch, seq], got {tokens.dtype} {tokens.shape}")
@@ -106,10 +162,38 @@ class Model:
 
         batch_sharding = self.rules.sharding(("batch", None), self.mesh)
         args = [prep(tokens, np.int32), prep(positions, np.int32), prep(segment_ids, np.int32)]
-        args = [None if a is None else jax.device_put(a, batch_sharding) for a in args]
+        return [None if a is None else jax.device_put(a, batch_sharding) for a in args], b
+
+    def logits(self, token_ids, positions=None, segment_ids=None) -> jax.Array:
+        """float32 logits [batch, seq, vocab] for int token ids [batch, seq] (optional positions / segment ids)."""
+        args, b = self._place(token_ids, positions, segment_ids)
         with jax.set_mesh(self.mesh):
             out = self._forward(self.state, *args)
-        return out[:b] if pad else out
+        return out[:b] if out.shape[0] != b else out
+
+    @functools.cached_property
+    def _routing_forward(self):
+        def fwd(state, tokens, positions, segment_ids):
+            return nnx.merge(self.graphdef, state).forward(tokens, positions, segment_ids, head=False, trace=True)[2]
+
+        return jax.jit(fwd)
+
+    def routing(self, token_ids, positions=None, segment_ids=None) -> Routing:
+        """The routers' choices for int token ids [batch, seq]: experts, weights and loads per MoE layer, and
+        each layer's largest attention logit per head (see Routing)."""
+        args, b = self._place(token_ids, positions, segment_ids)
+        with jax.set_mesh(self.mesh):
+            stats = jax.device_get(self._routing_forward(self.state, *args))
+        c = self.config
+        moe = stats.get("moe_layers", {})
+        experts = np.asarray(moe["expert_choice"])[:, :b] if moe else np.zeros((0, b, 0), np.int32)
+        weights = np.asarray(moe["expert_weight"], np.float32)[:, :b] if moe else np.zeros((0, b, 0), np.float32)
+        real = np.ones(experts.shape[1:3], bool) if segment_ids is None else np.asarray(segment_ids) != 0
+        load = np.stack([np.bincount(e[real].ravel(), minlength=c.n_routed_experts) for e in experts]) \
+            if moe else np.zeros((0, c.n_routed_experts), np.int64)
+        max_logit = np.concatenate([np.asarray(stats[name]["max_logit"], np.float32)
+                                    for name in ("dense_layers", "moe_layers") if name in stats])
+        return Routing(list(range(c.num_dense_layers, c.num_hidden_layers)), experts, weights, load, max_logit)
 
 
 def _settings(config: K2Config, execution: Execution | None, dtype, overrides) -> tuple[K2Config, Execution]:

@@ -51,17 +51,17 @@ class Block(nnx.Module):
         self.is_moe, self.rules = moe, rules
 
     def __call__(self, x_btd, cos, sin, segment_ids=None, cache=None, *, layer=None, positions_bt=None,
-                 experts=None, cache_len=None, key=None):
+                 experts=None, cache_len=None, key=None, trace: bool = False):
         """(y [b, t, d], cache, stats). `cache` with `layer` and `positions_bt`: see MLAttention; `experts`:
         the stacked routed kernels and this layer's index, read in place (inference); `key`: this layer's
-        adapter-dropout key (a LoRA run's training)."""
+        adapter-dropout key (a LoRA run's training); `trace`: the MoE's expert choices in the stats."""
         h, max_logit, cache = self.attn(self.attn_norm(x_btd), cos, sin, segment_ids, cache=cache, layer=layer,
                                         positions_bt=positions_bt, cache_len=cache_len, key=key)
         h = constrain(x_btd + h, self.rules, ACT)
         stats = {} if max_logit is None else {"max_logit": max_logit}
         if self.is_moe:
             mask = None if segment_ids is None else segment_ids != 0
-            y, moe_stats = self.mlp(self.mlp_norm(h), mask, stacked=experts, stats=cache is None, key=key)
+            y, moe_stats = self.mlp(self.mlp_norm(h), mask, stacked=experts, stats=cache is None, key=key, trace=trace)
             stats.update(moe_stats)
         else:
             y = self.mlp(self.mlp_norm(h), key)
@@ -101,7 +101,8 @@ class Transformer(nnx.Module):
         return [(name, getattr(self, name)) for name in STACKS if getattr(self, name) is not None]
 
     def forward(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, cache: dict | None = None,
-                cache_len: int | None = None, select_b=None, head: bool = True, dropout_key=None):
+                cache_len: int | None = None, select_b=None, head: bool = True, dropout_key=None,
+                trace: bool = False):
         """(out, cache, stats): the one forward pass of training, prefill and decode.
 
         out: float32 logits [b, t, vocab], or hidden states [b, t, d] after the final norm with head=False;
@@ -110,7 +111,8 @@ class Transformer(nnx.Module):
         cache is returned (None without one). cache_len (static): attend over the cache's first slots only,
         when every position is below it (a prompt written from position 0 needs its own length only). stats: per-layer statistics stacked over layers, keyed by
         stack (max attention logits, expert loads, balance loss), without a cache only. dropout_key: the
-        adapters' dropout in a LoRA run's training (none without it).
+        adapters' dropout in a LoRA run's training (none without it). trace (static): the stats also hold each
+        MoE layer's chosen experts and weights per token ([layers, b, t, k]).
         """
         c = self.config
         b, t = tokens_bt.shape
@@ -125,7 +127,7 @@ class Transformer(nnx.Module):
             layer_cache = None if cache is None else cache[name]
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
             x, layer_cache, stats[name] = self._run_stack(stack, x, cos, sin, segment_ids_bt, layer_cache,
-                                                          positions_bt, cache_len, key)
+                                                          positions_bt, cache_len, key, trace)
             if cache is not None:
                 new_cache[name] = layer_cache
         h = self.final_norm(x)
@@ -133,7 +135,8 @@ class Transformer(nnx.Module):
             h = jnp.take_along_axis(h, select_b[:, None, None], axis=1)[:, 0]
         return (self.logits_from_hidden(h) if head else h), new_cache, stats
 
-    def _run_stack(self, stack: Block, x, cos, sin, segment_ids, cache, positions_bt, cache_len, key=None):
+    def _run_stack(self, stack: Block, x, cos, sin, segment_ids, cache, positions_bt, cache_len, key=None,
+                   trace=False):
         graphdef, state = nnx.split(stack)
         n = jax.tree.leaves(state)[0].shape[0]
         # with a cache (inference) each MoE layer gets the stacked kernels (and adapters) and its index, so only
@@ -147,7 +150,7 @@ class Transformer(nnx.Module):
             blk = nnx.merge(graphdef, layer_state)
             h, cache, s = blk(h, cos, sin, segment_ids, cache, layer=layer, positions_bt=positions_bt,
                               experts=None if experts is None else (*experts, layer), cache_len=cache_len,
-                              key=None if key is None else jax.random.fold_in(key, layer))
+                              key=None if key is None else jax.random.fold_in(key, layer), trace=trace)
             return (h, cache), s
 
         run = self.execution

@@ -23,6 +23,7 @@ from k2jax.hardware import peak_flops_per_device
 from k2jax.model.config import Execution, K2Config
 from k2jax.model.init import param_count
 from k2jax.model.layers.lora import LoraConfig
+from k2jax.progress import busy
 from k2jax.train.metrics import MetricsWriter
 from k2jax.train.optim import OptimConfig
 from k2jax.train.resume import start_state, train_save_args
@@ -139,7 +140,7 @@ def check_paths(run: RunConfig) -> None:
 def compile_step(trainer: Trainer, state, batch, config: K2Config, run: RunConfig, log) -> float:
     """Compiles (or loads from the persistent cache) the train step and logs its size; returns FLOPs per step."""
     t0 = time.perf_counter()
-    with _cache_hits() as saved:
+    with _cache_hits() as saved, busy("compiling the train step"):
         compiled = trainer.lower(state, batch).compile()
     cache_dir = jax.config.jax_compilation_cache_dir
     how = (f"loaded from the compilation cache {cache_dir} ({sum(saved):.1f} s of compilation saved)" if saved else
@@ -277,6 +278,7 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print,
 
     batch = next_batch()
     flops = compile_step(trainer, state, batch, config, run, log)
+    wait_for_all_processes("k2jax: train step compiled")
     writer = MetricsWriter(run.workdir, enabled=pid == 0)
     steps = StepLog(run, flops, step, writer, log, trainer.param_names())
     held_out = eval_batches(run, config, trainer, log) if run.eval_data else None
@@ -335,6 +337,21 @@ def train(config: K2Config, optim: OptimConfig, run: RunConfig, mesh, log=print,
         signal.signal(signal.SIGTERM, previous)
     return {**steps.last, **steps.last_eval, "preempted": steps.stop_requested or stop["sigterm"], "final_step": step,
             "bad_steps": steps.bad_total, "last_good_step": steps.last_good}
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+    """Blocks until every process reaches this point (the coordination service's barrier, no collective).
+
+    The first collective of a CPU run (Gloo) gives its peers 30 s to arrive; processes that finish compiling
+    further apart than that, on a loaded host, would fail it. This barrier waits as long as compiling takes."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:  # not started through jax.distributed (e.g. a single-controller runtime): no barrier needed
+        return
+    client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ class MoE(nnx.Module):
         return ExpertLora(g.a[...], g.b[...], u.a[...], u.b[...], d.a[...], d.b[...], fold(key, "mlp.experts"))
 
     def __call__(self, x_btd: jax.Array, mask_bt: jax.Array | None = None, *, stacked: tuple | None = None,
-                 stats: bool = True, key=None) -> tuple[jax.Array, dict]:
+                 stats: bool = True, key=None, trace: bool = False) -> tuple[jax.Array, dict]:
         """MoE feed-forward of x [b, t, d]; stats: per-expert loads [e] and the sequence-wise balance loss.
 
         The balance loss (DeepSeek-V3's, before aux_loss_alpha) is summed over the batch's sequences; tokens
@@ -54,7 +54,8 @@ class MoE(nnx.Module):
         kernels of every layer ([layers, e, d, f]) and this layer's index, used instead of this module's own
         (inference over a scan of layers: each chosen expert is read in place, no layer's experts copied); with
         adapters, `stacked=(wg, wu, wd, stacked ExpertLora, layer)`. `stats=False` (inference) skips the loads
-        and the balance loss. `key`: the adapters' dropout key (training).
+        and the balance loss. `key`: the adapters' dropout key (training). `trace` adds each token's chosen experts
+        and their weights ([b, t, k]) to the stats.
         """
         c, run = self.config, self.execution
         b, t, d = x_btd.shape
@@ -76,8 +77,9 @@ class MoE(nnx.Module):
         if self.shared is not None:
             y_td = y_td + self.shared(x_td, key)
         y_btd = y_td.reshape(b, t, d).astype(x_btd.dtype)
+        chosen = {"expert_choice": idx.reshape(b, t, -1), "expert_weight": weights.reshape(b, t, -1)} if trace else {}
         if not stats:
-            return y_btd, {}
+            return y_btd, chosen
         mask = jnp.ones((b, t), jnp.float32) if mask_bt is None else mask_bt.astype(jnp.float32)
         one_hot = lambda ids: jax.nn.one_hot(ids.reshape(b, t, -1), c.n_routed_experts, dtype=jnp.float32).sum(2)  # noqa: E731
         load_e = (one_hot(idx) * mask[..., None]).sum((0, 1))  # the experts chosen (bias included): the bias update's
@@ -88,7 +90,7 @@ class MoE(nnx.Module):
         f_be = hits_bte.sum(1) * c.n_routed_experts / (c.num_experts_per_tok * n_tok[:, None])
         probs = scores.reshape(b, t, -1) / scores.reshape(b, t, -1).sum(-1, keepdims=True)
         p_be = (probs * mask[..., None]).sum(1) / n_tok[:, None]
-        stats = {"expert_load": jax.lax.stop_gradient(load_e), "balance_loss": (f_be * p_be).sum()}
+        stats = {"expert_load": jax.lax.stop_gradient(load_e), "balance_loss": (f_be * p_be).sum(), **chosen}
         return y_btd, stats
 
 
