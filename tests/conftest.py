@@ -49,3 +49,14 @@ def small_tokenizer(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tok") / "tiktoken.model")
     train_tokenizer_file("\n".join(topics[k] for k in sorted(topics)), path, 3840)
     return load_tokenizer(path)
+
+
+# the longest test files first: pytest.ini runs the files on two workers, and starting the long ones early keeps
+# both busy to the end (a long file started last runs alone)
+LONGEST_FIRST = ["test_lora.py", "test_pod.py", "test_notebooks.py", "test_resume.py", "test_train.py", "test_sft.py",
+                 "test_parity.py", "test_decode.py", "test_aot.py", "test_moe.py", "test_convert.py", "test_explore.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays

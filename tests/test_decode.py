@@ -276,3 +276,20 @@ def test_sampling_draws_from_the_renormalised_tempered_distribution(temperature,
     if temperature != 1.0:
         wrong = target(1.0)[support]
         assert stats.chisquare(counts[support], wrong / wrong.sum() * n).pvalue < 1e-6
+
+
+def test_chunked_prefill_equals_one_full_forward(model, prompts):
+    """Prompts written into the cache 5 tokens at a time (a shorter last chunk included): each prompt's next-token
+    logits equal one full forward's to 1e-4 and the greedy continuation is the one-shot prefill's. Positive
+    control: the last chunk's tokens alone (no earlier context) give other logits."""
+    long = [p * 3 for p in prompts]
+    sampler = model.sampler(prefill_chunk=5)
+    logits, _, lengths = sampler.prefill(long, sampler.check_request(long, 8))
+    assert list(lengths) == [len(p) for p in long] and max(lengths) % 5 and max(lengths) > 10
+    for i, p in enumerate(long):
+        want = np.asarray(model.logits(np.asarray([p])))[0, -1]
+        np.testing.assert_allclose(np.asarray(logits[i]), want, rtol=0, atol=1e-4)
+        tail = len(p) - (len(p) - 1) // 5 * 5  # the tokens of the chunk holding the last one
+        alone = np.asarray(model.logits(np.asarray([p[-tail:]]), positions=np.arange(len(p) - tail, len(p))[None]))
+        assert np.abs(alone[0, -1] - want).max() > 1e-2
+    assert model.generate(long, max_new_tokens=8, prefill_chunk=5) == model.generate(long, max_new_tokens=8)

@@ -95,3 +95,32 @@ def test_sharp_logits_decode_steps_and_greedy_generation(sharp, tokens_2x64, mut
     else:  # each comparison must catch it
         assert min(diffs.values()) > 10 * TOL, f"{mutation} not caught: {where}"
         assert generated != ref_generated, f"{mutation} not caught by greedy generation: {where}"
+
+
+@pytest.mark.parametrize("stage", ["long_context", "pretraining"])
+def test_logits_near_the_maximum_position_match_transformers(stage, tiny_config, tmp_path, tokens_2x64):
+    """K2's two stages at the tiny shape: YaRN (the tiny preset: factor 4 over 1,024 positions; kimi_k2: 32 over
+    4,096) and plain RoPE at the original context (kimi_k2_4k). On a sharp reference, the logits of the last 64
+    positions below the configured maximum equal transformers' to 1e-4; the same weights run with the other
+    stage's rotary settings do not."""
+    import torch
+
+    if stage == "long_context":
+        config, other = tiny_config, dict(rope_type="default", rope_factor=1.0)
+    else:
+        config = tiny_config.replace(rope_type="default", rope_factor=1.0, max_position_embeddings=1024)
+        other = dict(rope_type="yarn", rope_factor=4.0, rope_original_max_position_embeddings=256)
+    folder = str(tmp_path / "hf")
+    torch_model = build_hf_model(config, folder, seed=4, attention_gain=GAIN)
+    sharpness = mean_max_attention(torch_model, tokens_2x64)
+    t = tokens_2x64.shape[1]
+    pos = np.broadcast_to(np.arange(config.max_position_embeddings - t, config.max_position_embeddings), (2, t))
+    with torch.no_grad():
+        want = torch_model(torch.as_tensor(tokens_2x64), position_ids=torch.as_tensor(pos.copy())).logits.numpy()
+    model = k2jax.load_hf(folder)
+    assert model.config.uses_yarn == (stage == "long_context")
+    err = float(np.abs(np.asarray(model.logits(tokens_2x64, positions=pos)) - want).max())
+    assert err <= TOL, f"{stage}: max logit error {err:.2e} at positions up to {pos.max()} (mean max attention {sharpness:.2f})"
+    wrong = k2jax.load_hf(folder, **other)
+    bad = float(np.abs(np.asarray(wrong.logits(tokens_2x64, positions=pos)) - want).max())
+    assert bad > 100 * TOL, f"the other stage's rope went unnoticed: {bad:.2e} (mean max attention {sharpness:.2f})"

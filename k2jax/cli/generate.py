@@ -23,6 +23,8 @@ flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("mesh", "", "Decode mesh spec, e.g. expert=4,tensor=2 (default: all devices on data).")
 flags.DEFINE_enum("cache_dtype", "float32", list(CACHE_DTYPES), "KV-latent cache dtype.")
+flags.DEFINE_integer("prefill_chunk", 0, "Write long prompts into the cache this many tokens at a time (0: all at "
+                     "once); bounds prefill memory by the chunk.", lower_bound=0)
 flags.DEFINE_bool("merge", False, "A LoRA run's checkpoint: fold the adapters into the base weights at load (decode "
                   "then costs what the base costs); default: applied unmerged.")
 flags.DEFINE_string("base", "", "A LoRA run's base, when it has moved from the path recorded in its checkpoints (it "
@@ -55,7 +57,8 @@ def main(argv):
     storage.check_reachable(FLAGS.checkpoint_dir, "--checkpoint_dir")
     model = k2jax.load(FLAGS.checkpoint_dir, mesh=k2jax.make_mesh(FLAGS.mesh), merge=FLAGS.merge, base=FLAGS.base)
     sample = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-                  top_k=FLAGS.top_k, seed=FLAGS.seed, cache_dtype=FLAGS.cache_dtype)
+                  top_k=FLAGS.top_k, seed=FLAGS.seed, cache_dtype=FLAGS.cache_dtype,
+                  prefill_chunk=FLAGS.prefill_chunk)
     if ids is not None:
         for out in model.generate(ids, **sample):
             print(",".join(map(str, out)))

@@ -92,18 +92,20 @@ class Model:
         self.tokenizer = tok
         return self
 
-    def sampler(self, cache_dtype: str = "float32"):
-        """The decode Sampler of this model (one per cache dtype)."""
+    def sampler(self, cache_dtype: str = "float32", prefill_chunk: int = 0):
+        """The decode Sampler of this model (one per cache dtype and prefill chunk)."""
         from k2jax.inference.sampler import Sampler
 
-        if cache_dtype not in self._samplers:
-            self._samplers[cache_dtype] = Sampler(self, cache_dtype)
-        return self._samplers[cache_dtype]
+        if (cache_dtype, prefill_chunk) not in self._samplers:
+            self._samplers[cache_dtype, prefill_chunk] = Sampler(self, cache_dtype, prefill_chunk)
+        return self._samplers[cache_dtype, prefill_chunk]
 
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int = 0, stop=None, cache_dtype: str = "float32", stream=None):
+                 top_k: int = 0, seed: int = 0, stop=None, cache_dtype: str = "float32", stream=None,
+                 prefill_chunk: int = 0):
         """Continues each prompt (token-id lists, or strings with a tokenizer attached).
 
+        `prefill_chunk` > 0 writes long prompts into the cache that many tokens at a time (bounded prefill memory).
         Returns the new token ids per prompt, or decoded strings for string prompts. Generation of a sequence
         ends at a stop token (default: EOS, and <|im_end|> with a tokenizer) or after max_new_tokens.
         """
@@ -121,7 +123,7 @@ class Model:
             shown = progress.bar(max_new_tokens, "generating", unit="tok")
             stream = lambda step, tokens, done: shown.update(1)  # noqa: E731
         try:
-            outs = self.sampler(cache_dtype).generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+            outs = self.sampler(cache_dtype, prefill_chunk).generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                                       top_k=top_k, top_p=top_p, seed=seed, stop=stop, stream=stream)
         finally:
             if shown is not None:

@@ -62,8 +62,11 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array, p: SamplingParams) -> ja
 class Sampler:
     """Prefill + decode for a k2jax Model (its state and mesh); the cache dtype is float32, bfloat16 or int8."""
 
-    def __init__(self, model, cache_dtype: str = "float32"):
+    def __init__(self, model, cache_dtype: str = "float32", prefill_chunk: int = 0):
         self.model, self.cache_dtype = model, kv_cache.check_cache_dtype(cache_dtype)
+        if prefill_chunk < 0:
+            raise DecodeError(f"prefill_chunk must be >= 0 (0: the whole prompt at once), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.config = model.config
 
     def cache_bytes_per_token(self) -> int:
@@ -86,6 +89,19 @@ class Sampler:
         logits, cache, _ = module.forward(tokens_bt, cache=cache, cache_len=tokens_bt.shape[1], select_b=lengths_b - 1)
         return logits, cache
 
+    def _empty_fn(self, state, batch: int, max_len: int):
+        return self._empty_cache(nnx.merge(self.model.graphdef, state), batch, max_len)
+
+    def _prefill_chunk_fn(self, state, cache, logits_bv, tokens_bc, start, lengths_b):
+        """The prompts' tokens at positions start..start+c, written to the cache and attending to every earlier
+        one; each prompt whose last token lies in this chunk takes its logits [b, v] from here."""
+        module = nnx.merge(self.model.graphdef, state)
+        b, c = tokens_bc.shape
+        positions = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (b, c))
+        last = lengths_b - 1 - start
+        out, cache, _ = module.forward(tokens_bc, positions, cache=cache, select_b=jnp.clip(last, 0, c - 1))
+        return jnp.where(((last >= 0) & (last < c))[:, None], out, logits_bv), cache
+
     def _decode_fn(self, state, cache, tokens_b, pos_b):
         """One token per sequence at positions pos [b]; (logits [b, v], cache)."""
         module = nnx.merge(self.model.graphdef, state)
@@ -98,19 +114,40 @@ class Sampler:
         return jax.jit(self._prefill_fn, static_argnums=(3,))
 
     @functools.cached_property
+    def _jit_empty(self):
+        return jax.jit(self._empty_fn, static_argnums=(1, 2))
+
+    @functools.cached_property
+    def _jit_prefill_chunk(self):
+        return jax.jit(self._prefill_chunk_fn, donate_argnums=(1, 2))
+
+    @functools.cached_property
     def jit_decode_step(self):
         """(state, cache, tokens [b], pos [b]) -> (logits [b, v], cache), the cache donated."""
         return jax.jit(self._decode_fn, donate_argnums=(1,))
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_len: int):
-        """Pads prompts (right) to one length; returns (last-token logits [b, v], cache, lengths [b])."""
+        """Pads prompts (right) to one length; returns (last-token logits [b, v], cache, lengths [b]).
+
+        With `prefill_chunk`, prompts longer than it are written `prefill_chunk` tokens at a time, each chunk
+        attending to the cache written so far: the activations are a chunk's and the attention scores a chunk
+        against the cache, not the whole prompt against itself (one compilation for the chunks, one for a
+        shorter last chunk)."""
         lengths = np.array([len(p) for p in prompts], np.int32)
         t = int(lengths.max())
         tokens = np.zeros((len(prompts), t), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
+        c = self.prefill_chunk
         with jax.set_mesh(self.model.mesh):
-            logits, cache = self._jit_prefill(self.model.state, tokens, lengths, max_len)
+            if not c or t <= c:
+                logits, cache = self._jit_prefill(self.model.state, tokens, lengths, max_len)
+                return logits, cache, lengths
+            cache = self._jit_empty(self.model.state, len(prompts), max_len)
+            logits = jnp.zeros((len(prompts), self.config.vocab_size), jnp.float32)
+            for start in range(0, t, c):
+                logits, cache = self._jit_prefill_chunk(self.model.state, cache, logits, tokens[:, start:start + c],
+                                                        jnp.int32(start), jnp.asarray(lengths))
         return logits, cache, lengths
 
     def check_request(self, prompts, max_new_tokens: int) -> int:

@@ -28,9 +28,9 @@ _REMAT = {
     # the backward pass recomputes attention and routing but no expert matmul
     "save_moe": jax.checkpoint_policies.save_only_these_names("moe_in", "moe_hidden", "mlp_hidden"),
     # and every attention projection's output (low-rank q and kv, per-head q, k/v, attention output): the
-    # backward recomputes norms, routing and, inside each attention chunk's own remat, its scores
+    # backward recomputes norms and routing; each attention chunk's blocks are recomputed by its own backward
     "save_moe_attn": jax.checkpoint_policies.save_only_these_names(
-        "moe_in", "moe_hidden", "mlp_hidden", "attn_lora", "attn_q", "attn_kv", "attn_out"),
+        "moe_in", "moe_hidden", "mlp_hidden", "attn_lora", "attn_q", "attn_kv", "attn_out", "attn_lse"),
 }
 
 

@@ -9,6 +9,7 @@ from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from k2jax.model import cache as kv_cache
+from k2jax.model.layers.blockwise import blockwise_attention
 from k2jax.model.layers.common import RMSNorm, dtype_of, param
 from k2jax.model.layers.lora import Adapter
 from k2jax.model.layers.rope import apply_rope
@@ -125,32 +126,17 @@ class MLAttention(nnx.Module):
         return scores, jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(dt)
 
     def attend_chunked(self, q_nope, q_rope, latent_btc, k_rope_btr, segment_ids_bt, chunk: int, key=None):
-        """Causal attention one query chunk at a time, each against only the keys up to its end, rematerialised
-        in the backward pass: scores are [b, h, chunk, <= t] instead of [b, h, t, t]. Returns (out [b,t,d], max
-        pre-softmax logit per head [h])."""
+        """Causal attention in query chunks and key blocks of `chunk` tokens, an online softmax over the blocks up
+        to each chunk's own (k2jax.model.layers.blockwise: flash-style, its backward recomputing each block), so
+        no step holds more than [b, h, chunk, chunk] scores. Returns (out [b,t,d], max pre-softmax logit per
+        head [h])."""
         k_nope, v_bshv = self._expand_kv(latent_btc, key)
         b, t = q_nope.shape[:2]
         seg = jnp.ones((b, t), jnp.int32) if segment_ids_bt is None else segment_ids_bt
-
-        @jax.checkpoint
-        def one(qn, qr, kn, kr, v, seg_q, seg_k, q0):
-            causal = (q0 + jnp.arange(qn.shape[1]))[:, None] >= jnp.arange(kn.shape[1])[None, :]
-            mask = causal[None, None] & (seg_q[:, None, :, None] == seg_k[:, None, None, :])
-            scores, probs = self._softmax(qn, qr, kn, kr, mask)
-            real = mask & (seg_q != 0)[:, None, :, None]
-            return (jnp.einsum("bhts,bshv->bthv", probs, v),
-                    jnp.max(jnp.where(real, scores, -jnp.inf), axis=(0, 2, 3)))
-
-        outs, maxes = [], []
-        for q0 in range(0, t, chunk):
-            q1 = q0 + chunk
-            o, m = one(q_nope[:, q0:q1], q_rope[:, q0:q1], k_nope[:, :q1], k_rope_btr[:, :q1], v_bshv[:, :q1],
-                       seg[:, q0:q1], seg[:, :q1], q0)
-            outs.append(o)
-            maxes.append(m)
-        out_bthv = checkpoint_name(jnp.concatenate(outs, axis=1), "attn_out")
-        max_logit_h = jax.lax.stop_gradient(jnp.max(jnp.stack(maxes), axis=0))
-        return self._proj("o", "bthv,hvd->btd", out_bthv, key), max_logit_h
+        out_bthv, max_logit_h = blockwise_attention(q_nope, q_rope, k_nope, k_rope_btr, v_bshv, seg, chunk,
+                                                    self.config.softmax_scale)
+        out_bthv = checkpoint_name(out_bthv.astype(self.dtype), "attn_out")
+        return self._proj("o", "bthv,hvd->btd", out_bthv, key), jax.lax.stop_gradient(max_logit_h)
 
     def attend_absorbed(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask):
         """Attention in the latent space (decode): W_kvb's key half absorbed into q, its value half applied after.
