@@ -319,8 +319,10 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
 
 
 def compile_decode(config: K2Config, topology: str, mesh_spec: str, *, batch: int, context: int,
-                   cache_dtype: str = "bfloat16", execution: Execution | None = None) -> Report:
-    """AOT-compiles one decode step (absorbed latent cache of `context` tokens) for `batch` sequences."""
+                   cache_dtype: str = "bfloat16", execution: Execution | None = None, prefill_chunk: int = 0) -> Report:
+    """AOT-compiles one decode step (absorbed latent cache of `context` tokens) for `batch` sequences; with
+    `prefill_chunk`, one chunk of a long prompt's prefill instead (that many tokens against the cache), its
+    analytic FLOPs those of the last chunk (every earlier key read)."""
     from k2jax.inference.model import Model
     from k2jax.inference.sampler import Sampler
     from k2jax.model import cache as kv_cache
@@ -334,15 +336,21 @@ def compile_decode(config: K2Config, topology: str, mesh_spec: str, *, batch: in
     p = place(config, make_mesh(mesh_spec, devices=devices), execution=execution)
     mesh, rules, state = p.mesh, p.rules, p.shaped()
     sampler = Sampler(Model(config, p.graphdef, state, mesh, rules, execution=execution), cache_dtype)
-    cache_sh = rules.sharding(("layers", "batch", None, None), mesh)
+    cache_sh = rules.sharding(("layers", "batch", "cache_seq", None), mesh)
     cache = {name: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cache_sh),
                                 jax.eval_shape(lambda n=len(layers): kv_cache.empty_cache(config, n, batch, context,
                                                                                           cache_dtype)))
              for name, layers in stack_layers(config).items() if len(layers)}
     vec = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rules.sharding(("batch",), mesh))
+    if prefill_chunk:
+        rows = rules.sharding(("batch", None), mesh)
+        args = (jax.ShapeDtypeStruct((batch, config.vocab_size), jnp.float32, sharding=rows),
+                jax.ShapeDtypeStruct((batch, prefill_chunk), jnp.int32, sharding=rows),
+                jax.ShapeDtypeStruct((), jnp.int32), vec)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = _compile_or_oom(sampler.jit_decode_step.lower(state, cache, vec, vec))
+        compiled = _compile_or_oom(sampler._jit_prefill_chunk.lower(state, cache, *args) if prefill_chunk
+                                   else sampler.jit_decode_step.lower(state, cache, vec, vec))
     secs = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     flops, seconds = _cost(compiled, chip)
@@ -350,12 +358,19 @@ def compile_decode(config: K2Config, topology: str, mesh_spec: str, *, batch: in
     from k2jax.model.init import param_count
 
     _, active = param_count(config)
-    analytic = 2.0 * active * batch + 4.0 * config.num_hidden_layers * config.num_attention_heads * (
-        config.kv_lora_rank + config.qk_rope_head_dim) * context * batch
-    return Report(topology, dict(mesh.shape), f"decode (batch {batch}, context {context}, {cache_dtype} cache)",
+    c = config
+    analytic = 2.0 * active * batch + 4.0 * c.num_hidden_layers * c.num_attention_heads * (
+        c.kv_lora_rank + c.qk_rope_head_dim) * context * batch
+    mode = f"decode (batch {batch}, context {context}, {cache_dtype} cache)"
+    if prefill_chunk:  # the chunk's tokens, scores and values against every key, the keys expanded from the latent
+        t = prefill_chunk * batch
+        analytic = 2.0 * active * t + c.num_hidden_layers * c.num_attention_heads * context * batch * 2.0 * (
+            prefill_chunk * (c.qk_head_dim + c.v_head_dim) + c.kv_lora_rank * (c.qk_nope_head_dim + c.v_head_dim))
+        mode = f"prefill chunk ({prefill_chunk} tokens x batch {batch}, the last of a {context}-token cache, {cache_dtype})"
+    return Report(topology, dict(mesh.shape), mode,
                   len(devices), chip.hbm_bytes, mem.argument_size_in_bytes, mem.output_size_in_bytes,
                   mem.temp_size_in_bytes, mem.alias_size_in_bytes, flops * len(devices) * scale, analytic,
-                  seconds * scale, batch, secs, collective_bytes(compiled.as_text()))
+                  seconds * scale, batch * (prefill_chunk or 1), secs, collective_bytes(compiled.as_text()))
 
 
 def candidate_meshes(chips: int, config: K2Config) -> list[str]:

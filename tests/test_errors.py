@@ -35,7 +35,8 @@ def test_mesh_spec_errors(spec, message):
 
 def test_mesh_spec_parsing():
     assert parse_mesh_spec("data=2, expert=2,tensor=2") == {"data": 2, "expert": 2, "tensor": 2}
-    assert dict(make_mesh("fsdp=2,expert=4").shape) == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
+    assert dict(make_mesh("fsdp=2,expert=4").shape) == {"data": 1, "fsdp": 2, "context": 1, "expert": 4, "tensor": 1}
+    assert dict(make_mesh("context=4,data=2").shape)["context"] == 4
 
 
 def test_rules_refuse_one_mesh_axis_on_two_dims():

@@ -211,10 +211,12 @@ def _cli(*args, stdin=None):
                           env=env, input=stdin, timeout=600)
 
 
-def _train_args(work, base, steps, *extra):
+def _train_args(work, base, steps, *extra, cache):
+    """A LoRA run's flags; `cache`: a compilation cache the module's runs share (a run with the flags of an
+    earlier one loads its compiled step instead of compiling it again)."""
     return ("train", f"--init_from={base}", f"--workdir={work}", f"--steps={steps}", "--batch=4", "--seq=64",
             "--save_every=2", "--log_every=1", "--sample_tokens=0", "--lr=1e-2", "--warmup=1", "--lora_rank=4",
-            "--keep=5", *extra)
+            "--keep=5", f"--compilation_cache_dir={cache}", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -222,11 +224,12 @@ def lora_runs(hf_tiny, tmp_path_factory):
     """Two LoRA runs from the tiny HF reference through the CLI: all targets (4 steps straight), and the targets
     PEFT can hold on transformers' DeepseekV3 (attention and the routed experts; 2 steps over an int8 base)."""
     root = tmp_path_factory.mktemp("lora")
-    runs = {"all": str(root / "all"), "peft": str(root / "peft")}
-    r = _cli(*_train_args(runs["all"], hf_tiny[0], 4, "--lora_dropout=0.1", "--lora_alpha=8"))
+    runs = {"all": str(root / "all"), "peft": str(root / "peft"), "cache": str(root / "compile_cache")}
+    r = _cli(*_train_args(runs["all"], hf_tiny[0], 4, "--lora_dropout=0.1", "--lora_alpha=8", cache=runs["cache"]))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "LoRA rank 4 (alpha 8" in r.stdout and "adapter parameters trained" in r.stdout
-    r = _cli(*_train_args(runs["peft"], hf_tiny[0], 2, "--lora_targets=attn,experts", "--base_dtype=int8"))
+    r = _cli(*_train_args(runs["peft"], hf_tiny[0], 2, "--lora_targets=attn,experts", "--base_dtype=int8",
+                          cache=runs["cache"]))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "which stays frozen, held as int8" in r.stdout
     return runs
@@ -239,10 +242,11 @@ def test_lora_resume_is_exact_and_a_changed_or_missing_base_is_refused(lora_runs
 
     from k2jax.ckpt.orbax import resolve_step_dir
 
-    split = str(tmp_path / "split")
+    split, cache = str(tmp_path / "split"), lora_runs["cache"]
     for steps in (2, 4):
-        r = _cli(*_train_args(split, hf_tiny[0], steps, "--lora_dropout=0.1", "--lora_alpha=8"))
+        r = _cli(*_train_args(split, hf_tiny[0], steps, "--lora_dropout=0.1", "--lora_alpha=8", cache=cache))
         assert r.returncode == 0, r.stderr[-3000:]
+        assert "loaded from the compilation cache" in r.stdout, r.stdout[-2000:]  # compiled once, by the straight run
     assert "resumed from" in r.stdout and "as recorded" in r.stdout
     straight, resumed = (k2jax.load(d) for d in (lora_runs["all"], split))
     for (p, a), (_, b) in zip(nnx.to_flat_state(straight.state), nnx.to_flat_state(resumed.state)):
@@ -258,12 +262,12 @@ def test_lora_resume_is_exact_and_a_changed_or_missing_base_is_refused(lora_runs
     from k2jax.ckpt.convert import export_hf, import_hf
 
     export_hf(import_hf(hf_tiny[0], str(tmp_path / "k2_bf16"), dtype="bfloat16", quiet=True), other, quiet=True)
-    r = _cli(*_train_args(split, other, 6, "--lora_dropout=0.1", "--lora_alpha=8"))
+    r = _cli(*_train_args(split, other, 6, "--lora_dropout=0.1", "--lora_alpha=8", cache=cache))
     assert r.returncode != 0 and f"the base {other} (--init_from={other}) has changed" in r.stderr, r.stderr[-2000:]
     with pytest.raises(CheckpointError, match="its base .*nowhere.* is missing"):
         k2jax.load(split, base=str(tmp_path / "nowhere"))
     k2jax.load(split, base=moved)  # the same base elsewhere loads
-    r = _cli(*_train_args(split, hf_tiny[0], 6, "--lora_rank=8"))
+    r = _cli(*_train_args(split, hf_tiny[0], 6, "--lora_rank=8", cache=cache))
     assert r.returncode != 0 and "trained with LoRA rank=4, this run asks for 8 (--lora_rank)" in r.stderr
 
 

@@ -139,7 +139,7 @@ def test_simulated_pod_trains_on_gcs_stops_with_a_checkpoint_and_resumes(gcs, gs
     read back by k2jax.load and k2jax-generate from gs://."""
     from k2jax import storage
 
-    steps = 20
+    steps = 12
     flags = [*TRAIN, *gs_inputs, f"--steps={steps}", "--save_every=5", "--workdir=gs://bkt/pod-run"]
     pod = Pod(tmp_path / "pod", "sft")
 

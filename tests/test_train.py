@@ -229,8 +229,13 @@ def test_loss_falls_on_the_embedded_corpus(one_device_losses):
 
 
 def test_eight_device_mesh_agrees_and_learns(tiny_config, corpus_batches, one_device_losses):
-    t = _trainer(tiny_config, "data=2,expert=2,tensor=2", learning_rate=3e-3, warmup_steps=10)
+    """Packed corpus batches on 8 devices, each sequence split over `context` (and experts over `expert`, heads
+    and expert hidden dims over `tensor`): the one-device losses, and the loss falls. The context shards split
+    the dense weights as fsdp does (their optimizer state with them)."""
+    t = _trainer(tiny_config, "context=2,expert=2,tensor=2", learning_rate=3e-3, warmup_steps=10)
     state = t.init_state(0)
+    embed = state.params["embed"].get_value()
+    assert embed.sharding.shard_shape(embed.shape)[1] == embed.shape[1] // 4  # hidden dim over context x expert
     losses = []
     for b in corpus_batches[:40]:
         state, m = t.step(state, b)

@@ -18,14 +18,17 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "kimi_k2", "Preset name, preset file or HF config.json.")
 flags.DEFINE_string("topology", "v5p-512", "Cloud TPU name: v4-N, v5e-N, v5p-N, v6e-N.")
 flags.DEFINE_string("mesh", "", "Mesh spec, e.g. fsdp=64,expert=8 (default: all chips on fsdp).")
-flags.DEFINE_enum("mode", "train", ["train", "finetune", "decode"], "Which step to compile: train (every weight, "
-                  "MuonClip), finetune (LoRA adapters over a frozen base: --lora_rank, --base_dtype), decode.")
+flags.DEFINE_enum("mode", "train", ["train", "finetune", "decode", "prefill"], "Which step to compile: train (every weight, "
+                  "MuonClip), finetune (LoRA adapters over a frozen base: --lora_rank, --base_dtype), decode, prefill (one "
+                  "--prefill_chunk of a --context-token prompt).")
 flags.DEFINE_integer("lora_rank", 16, "finetune: adapter rank.")
 flags.DEFINE_list("lora_targets", ["attn", "dense_mlp", "shared", "experts"], "finetune: adapted projections.")
 flags.DEFINE_enum("base_dtype", "bfloat16", ["bfloat16", "int8", "fp8"], "finetune: how the frozen base is held.")
 flags.DEFINE_integer("batch", 0, "Global batch in sequences (train; default 1 per chip) or decode batch (default 1).")
 flags.DEFINE_integer("seq", 4096, "Train sequence length.")
-flags.DEFINE_integer("context", 32768, "Decode cache length.")
+flags.DEFINE_integer("context", 32768, "Decode cache length (prefill: the prompt's length).")
+flags.DEFINE_integer("prefill_chunk", 2048, "prefill: tokens per chunk (the step compiled is one chunk against the "
+                     "cache).")
 flags.DEFINE_integer("microbatches", 1, "Gradient accumulation microbatches (train).")
 flags.DEFINE_enum("cache_dtype", "bfloat16", list(CACHE_DTYPES), "Decode cache dtype.")
 flags.DEFINE_multi_string("set", [], "Config override key=value (repeatable): execution (e.g. param_dtype=bfloat16) "
@@ -64,7 +67,8 @@ def main(argv):
                                      base_quant=quant, cost=FLAGS.cost,
                                      progress=lambda line: print(f"  ({line})", file=sys.stderr, flush=True))
         return aot.compile_decode(config, FLAGS.topology, mesh, batch=FLAGS.batch or 1, context=FLAGS.context,
-                                  cache_dtype=FLAGS.cache_dtype, execution=run)
+                                  cache_dtype=FLAGS.cache_dtype, execution=run,
+                                  prefill_chunk=FLAGS.prefill_chunk if FLAGS.mode == "prefill" else 0)
 
     if not FLAGS.search:
         mesh = FLAGS.mesh or f"fsdp={chips}"

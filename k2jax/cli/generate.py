@@ -8,6 +8,7 @@ from absl import flags
 
 from k2jax.cli.common import run_main
 from k2jax.cli.stream import stream_one
+from k2jax.inference.sampler import PREFILL_CHUNK
 from k2jax.model.cache import CACHE_DTYPES
 
 FLAGS = flags.FLAGS
@@ -23,8 +24,8 @@ flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("mesh", "", "Decode mesh spec, e.g. expert=4,tensor=2 (default: all devices on data).")
 flags.DEFINE_enum("cache_dtype", "float32", list(CACHE_DTYPES), "KV-latent cache dtype.")
-flags.DEFINE_integer("prefill_chunk", 0, "Write long prompts into the cache this many tokens at a time (0: all at "
-                     "once); bounds prefill memory by the chunk.", lower_bound=0)
+flags.DEFINE_integer("prefill_chunk", PREFILL_CHUNK, "Write longer prompts into the cache this many tokens at a "
+                     "time, which bounds prefill memory by the chunk (0: every prompt at once).", lower_bound=0)
 flags.DEFINE_bool("merge", False, "A LoRA run's checkpoint: fold the adapters into the base weights at load (decode "
                   "then costs what the base costs); default: applied unmerged.")
 flags.DEFINE_string("base", "", "A LoRA run's base, when it has moved from the path recorded in its checkpoints (it "

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 from k2jax.errors import CheckpointError, DecodeError
 from k2jax.model.config import Execution, K2Config, configure, from_hf_config
 from k2jax.model.init import init_model, place
+from k2jax.inference.sampler import PREFILL_CHUNK
 from k2jax.model.sharding import ShardingRules, batch_divisor, make_mesh
 
 
@@ -92,7 +93,7 @@ class Model:
         self.tokenizer = tok
         return self
 
-    def sampler(self, cache_dtype: str = "float32", prefill_chunk: int = 0):
+    def sampler(self, cache_dtype: str = "float32", prefill_chunk: int = PREFILL_CHUNK):
         """The decode Sampler of this model (one per cache dtype and prefill chunk)."""
         from k2jax.inference.sampler import Sampler
 
@@ -102,10 +103,11 @@ class Model:
 
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int = 0, stop=None, cache_dtype: str = "float32", stream=None,
-                 prefill_chunk: int = 0):
+                 prefill_chunk: int = PREFILL_CHUNK):
         """Continues each prompt (token-id lists, or strings with a tokenizer attached).
 
-        `prefill_chunk` > 0 writes long prompts into the cache that many tokens at a time (bounded prefill memory).
+        A prompt longer than `prefill_chunk` is written into the cache that many tokens at a time (bounded prefill
+        memory; 0: every prompt whole).
         Returns the new token ids per prompt, or decoded strings for string prompts. Generation of a sequence
         ends at a stop token (default: EOS, and <|im_end|> with a tokenizer) or after max_new_tokens.
         """

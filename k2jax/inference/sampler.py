@@ -18,6 +18,9 @@ from k2jax.model import cache as kv_cache
 from k2jax.model.sharding import batch_divisor, constrain
 
 CACHE_ROUND = 64  # cache lengths are rounded up to this, so nearby request lengths share one compilation
+# longer prompts are written this many tokens at a time: prefill memory stays that of one chunk (README, "Long
+# context"); a shorter prompt goes in whole, as one full forward
+PREFILL_CHUNK = 2048
 
 
 @jax.tree_util.register_dataclass
@@ -62,7 +65,7 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array, p: SamplingParams) -> ja
 class Sampler:
     """Prefill + decode for a k2jax Model (its state and mesh); the cache dtype is float32, bfloat16 or int8."""
 
-    def __init__(self, model, cache_dtype: str = "float32", prefill_chunk: int = 0):
+    def __init__(self, model, cache_dtype: str = "float32", prefill_chunk: int = PREFILL_CHUNK):
         self.model, self.cache_dtype = model, kv_cache.check_cache_dtype(cache_dtype)
         if prefill_chunk < 0:
             raise DecodeError(f"prefill_chunk must be >= 0 (0: the whole prompt at once), got {prefill_chunk}")
@@ -78,7 +81,7 @@ class Sampler:
         for name, stack in module.stacks():
             layers = jax.tree.leaves(nnx.state(stack))[0].shape[0]
             entry = kv_cache.empty_cache(self.config, layers, batch, max_len, self.cache_dtype)
-            cache[name] = {k: constrain(v, self.model.rules, ("layers", "batch", None, None)) for k, v in entry.items()}
+            cache[name] = {k: constrain(v, self.model.rules, ("layers", "batch", "cache_seq", None)) for k, v in entry.items()}
         return cache
 
     def _prefill_fn(self, state, tokens_bt, lengths_b, max_len: int):

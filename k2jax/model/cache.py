@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from k2jax.errors import DecodeError
 
@@ -47,8 +48,13 @@ def _quantize(x):
     return jnp.round(x / scale).astype(jnp.int8), scale.astype(jnp.float32)
 
 
-def write(cache: dict, layer, positions_bt: jax.Array, latent_btc: jax.Array, k_rope_btr: jax.Array) -> dict:
-    """The cache with layer `layer`'s rows of each sequence written at `positions_bt` [b, t] (in place)."""
+def write(cache: dict, layer, positions_bt: jax.Array, latent_btc: jax.Array, k_rope_btr: jax.Array,
+          seq_axes: tuple[str, ...] = ()) -> dict:
+    """The cache with layer `layer`'s rows of each sequence written at `positions_bt` [b, t] (in place).
+
+    `seq_axes`: the mesh axes that split the cache's positions (rules' `cache_seq`); each shard then writes the
+    tokens that fall in its own range and nothing moves (left to the partitioner, a scatter into a split dim
+    can gather the whole stacked cache)."""
     rows = jnp.arange(positions_bt.shape[0])[:, None]
     new = {}
     for name, x in (("latent", latent_btc), ("k_rope", k_rope_btr)):
@@ -56,7 +62,20 @@ def write(cache: dict, layer, positions_bt: jax.Array, latent_btc: jax.Array, k_
             new[name], new[f"{name}_scale"] = _quantize(x.astype(jnp.float32))
         else:
             new[name] = x.astype(cache[name].dtype)
-    return {k: v.at[layer, rows, positions_bt].set(new[k]) for k, v in cache.items()}
+    if not seq_axes:
+        return {k: v.at[layer, rows, positions_bt].set(new[k]) for k, v in cache.items()}
+
+    def local(cache, layer, positions_bt, new):
+        size = next(iter(cache.values())).shape[2]  # this shard's positions: [i * size, (i + 1) * size)
+        pos = positions_bt - jax.lax.axis_index(seq_axes) * size
+        pos = jnp.where((pos >= 0) & (pos < size), pos, size)  # another shard's: out of range, dropped
+        return {k: v.at[layer, rows, pos].set(new[k], mode="drop") for k, v in cache.items()}
+
+    split = P(None, None, seq_axes, None)
+    mesh = jax.sharding.get_abstract_mesh()
+    run = jax.shard_map(local, mesh=mesh, in_specs=({k: split for k in cache}, P(), P(), P()),
+                        out_specs={k: split for k in cache}, axis_names=set(seq_axes), check_vma=False)
+    return run(cache, layer, positions_bt, new)
 
 
 def read(cache: dict, layer, length: int | None = None) -> tuple[jax.Array, jax.Array]:

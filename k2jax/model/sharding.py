@@ -12,17 +12,20 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from k2jax.errors import ShardingError
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
 
 
 # Logical axis -> mesh axes. Parameters and activations carry only the logical names on the left.
 DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
     # activations
     "batch": ("data", "fsdp", "expert"),
-    "act_seq": (),
+    "act_seq": ("context",),  # context parallelism: one sequence over several chips (k2jax.model.layers.context)
     "act_embed": (),
     "act_heads": ("tensor",),
     "act_vocab": ("tensor",),
+    # the decode cache's positions: a long context's cache split over the chips that split the heads (decode
+    # reads it in the latent space, where every head needs every position: partial softmax sums are combined)
+    "cache_seq": ("tensor",),
     # parameters
     "layers": (),
     "vocab": ("tensor",),
@@ -46,8 +49,12 @@ DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
 # split over `expert`, whose shards hold different tokens, so the whole batch group shares their parameters and
 # optimizer state (ZeRO-3) instead of each `expert` shard keeping a copy. Decoding keeps the table as it is (no
 # per-step weight gathers on the serving mesh).
-TRAINING_RULES: Mapping[str, tuple[str, ...]] = {"embed": ("fsdp", "expert"), "q_lora_in": ("fsdp", "expert"),
-                                                  "kv_lora_in": ("fsdp", "expert")}
+# The `context` axis's shards hold pieces of the same sequences: they split every weight as `fsdp` does
+# (gathered per layer), or a context-parallel mesh would hold context-times the weights per chip.
+TRAINING_RULES: Mapping[str, tuple[str, ...]] = {"embed": ("fsdp", "context", "expert"),
+                                                  "q_lora_in": ("fsdp", "context", "expert"),
+                                                  "kv_lora_in": ("fsdp", "context", "expert"),
+                                                  "expert_embed": ("fsdp", "context")}
 
 # Logical axes whose size must be divisible by its mesh axes, with the config field that sets it.
 _FIELD_OF_AXIS = {"heads": "num_attention_heads", "experts": "n_routed_experts", "mlp": "intermediate_size",
@@ -138,7 +145,7 @@ def parse_mesh_spec(spec: str | Mapping[str, int] | None) -> dict[str, int]:
 
 
 def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds the 4-axis (data, fsdp, expert, tensor) mesh; sizes must multiply to the device count.
+    """Builds the mesh of MESH_AXES (data, fsdp, context, expert, tensor); sizes must multiply to the device count.
 
     Unnamed axes get size 1, except that with an empty spec all devices go to `data`.
     """
@@ -176,8 +183,14 @@ def batch_divisor(mesh: Mesh, rules: ShardingRules) -> int:
 
 
 def constrain(x: jax.Array, rules: ShardingRules, names: Iterable[str | None]) -> jax.Array:
-    """with_sharding_constraint by logical names, a no-op when no mesh is set."""
+    """with_sharding_constraint by logical names, a no-op when no mesh is set; a dim that its mesh axes do not
+    divide (a decode step's one token on a context-parallel mesh) is left whole."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, rules.spec(tuple(names), mesh))
+    spec = rules.spec(tuple(names), mesh)
+    dims = []
+    for size, axes in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
+        group = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        dims.append(axes if size % math.prod(mesh.shape[a] for a in group) == 0 else None)
+    return jax.lax.with_sharding_constraint(x, P(*dims))

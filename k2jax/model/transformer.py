@@ -15,6 +15,7 @@ from flax import nnx
 from k2jax.model.config import Execution, K2Config
 from k2jax.model.layers.attention import MLAttention
 from k2jax.model.layers.common import MLP, RMSNorm, dtype_of, param
+from k2jax.model.layers.context import check_length, context_size, from_balanced, to_balanced
 from k2jax.model.layers.moe import MoE
 from k2jax.model.layers.rope import rope_cos_sin, yarn_inv_freq
 from k2jax.model.params import STACKS
@@ -118,6 +119,12 @@ class Transformer(nnx.Module):
         b, t = tokens_bt.shape
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        # context parallelism (training, a full forward): the sequence in the balanced layout until the final norm
+        n_ctx = context_size(self.rules) if cache is None else 1
+        if n_ctx > 1:
+            check_length(t, n_ctx, self.execution.attn_chunk)
+            tokens_bt, positions_bt = to_balanced(tokens_bt, n_ctx), to_balanced(positions_bt, n_ctx)
+            segment_ids_bt = None if segment_ids_bt is None else to_balanced(segment_ids_bt, n_ctx)
         inv_freq, attn_factor = yarn_inv_freq(c)
         cos, sin = rope_cos_sin(positions_bt, inv_freq, attn_factor)
         x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dtype_of(self.execution.dtype))
@@ -131,6 +138,11 @@ class Transformer(nnx.Module):
             if cache is not None:
                 new_cache[name] = layer_cache
         h = self.final_norm(x)
+        if n_ctx > 1:
+            h = from_balanced(h, n_ctx)
+            for name in stats:  # the per-token traces ([layers, b, t, k])
+                stats[name].update({k: from_balanced(stats[name][k], n_ctx, axis=2)
+                                    for k in ("expert_choice", "expert_weight") if k in stats[name]})
         if select_b is not None:
             h = jnp.take_along_axis(h, select_b[:, None, None], axis=1)[:, 0]
         return (self.logits_from_hidden(h) if head else h), new_cache, stats

@@ -10,6 +10,7 @@ from flax import nnx
 
 from k2jax.model import cache as kv_cache
 from k2jax.model.layers.blockwise import blockwise_attention
+from k2jax.model.layers.context import context_attention, context_size
 from k2jax.model.layers.common import RMSNorm, dtype_of, param
 from k2jax.model.layers.lora import Adapter
 from k2jax.model.layers.rope import apply_rope
@@ -87,14 +88,26 @@ class MLAttention(nnx.Module):
         """
         q_nope, q_rope, latent_btc, k_rope_btr = self.project(x_btd, cos, sin, key)
         if cache is not None:
-            cache = kv_cache.write(cache, layer, positions_bt, latent_btc, k_rope_btr)
+            mesh = jax.sharding.get_abstract_mesh()
+            seq_axes = () if mesh.empty else tuple(a for a in self.rules.mesh_axes("cache_seq")
+                                                   if mesh.shape.get(a, 1) > 1)
+            cache = kv_cache.write(cache, layer, positions_bt, latent_btc, k_rope_btr, seq_axes)
             latent_bsc, k_rope_bsr = kv_cache.read(cache, layer, cache_len)
             s = latent_bsc.shape[1]
             mask = (jnp.arange(s)[None, None, :] <= positions_bt[:, :, None])[:, None]  # [b, 1, t, s]
             if x_btd.shape[1] == 1:
                 return self.attend_absorbed(q_nope, q_rope, latent_bsc, k_rope_bsr, mask), None, cache
+            if cache_len is None:  # a chunk of a longer prompt: against the cache written so far, block by block
+                return self.attend_latent_blocks(q_nope, q_rope, latent_bsc, k_rope_bsr, positions_bt), None, cache
             return self.attend_expanded(q_nope, q_rope, latent_bsc, k_rope_bsr, mask)[0], None, cache
         t, chunk = x_btd.shape[1], self.chunk
+        if context_size(self.rules) > 1:  # the sequence split over chips, in the balanced layout (Transformer)
+            seg = jnp.ones(x_btd.shape[:2], jnp.int32) if segment_ids_bt is None else segment_ids_bt
+            out_bthv, max_logit_h = context_attention(q_nope, q_rope, latent_btc, k_rope_btr, seg,
+                                                      lambda lat: self._expand_kv(lat, key), self.rules, chunk,
+                                                      self.config.softmax_scale)
+            out_bthv = checkpoint_name(out_bthv.astype(self.dtype), "attn_out")
+            return self._proj("o", "bthv,hvd->btd", out_bthv, key), jax.lax.stop_gradient(max_logit_h), None
         if 0 < chunk < t and t % chunk == 0:
             return (*self.attend_chunked(q_nope, q_rope, latent_btc, k_rope_btr, segment_ids_bt, chunk, key), None)
         mask = attention_mask(segment_ids_bt, t)
@@ -114,7 +127,8 @@ class MLAttention(nnx.Module):
         """Per-head keys k_nope [b,s,h,n] and values v [b,s,h,v] from the normalised latent."""
         c, dt = self.config, self.dtype
         kv_bshk = self._proj("kv_b", "bsc,chk->bshk", latent_bsc.astype(dt), key)
-        kv_bshk = checkpoint_name(constrain(kv_bshk, self.rules, ("batch", "act_seq", "act_heads", None)), "attn_kv")
+        # every key position on every shard: a context-parallel shard's queries attend over the whole sequence
+        kv_bshk = checkpoint_name(constrain(kv_bshk, self.rules, ("batch", None, "act_heads", None)), "attn_kv")
         return kv_bshk[..., : c.qk_nope_head_dim], kv_bshk[..., c.qk_nope_head_dim:]
 
     def _softmax(self, q_nope, q_rope, k_nope, k_rope_bsr, mask):
@@ -138,26 +152,72 @@ class MLAttention(nnx.Module):
         out_bthv = checkpoint_name(out_bthv.astype(self.dtype), "attn_out")
         return self._proj("o", "bthv,hvd->btd", out_bthv, key), jax.lax.stop_gradient(max_logit_h)
 
-    def attend_absorbed(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask):
-        """Attention in the latent space (decode): W_kvb's key half absorbed into q, its value half applied after.
-
-        Keys and values are never expanded per head: each cached token costs kv_lora_rank + rope values. An
-        adapter on kv_b (W + s·A·B) is absorbed by its factors, never formed as a dense [c, h, n+v] update.
-        """
-        c, dt = self.config, self.dtype
-        n = c.qk_nope_head_dim
-        kv_b = self.kv_b[...].astype(dt)
-        q_lat = jnp.einsum("bthn,chn->bthc", q_nope, kv_b[..., :n])
+    def _absorb(self, q_nope):
+        """q_nope [b,t,h,n] times W_kvb's key half: queries in the latent space [b,t,h,c] (with a kv_b adapter
+        W + s·A·B, by its factors: the dense [c, h, n+v] update is never formed)."""
+        n, dt = self.config.qk_nope_head_dim, self.dtype
+        q_lat = jnp.einsum("bthn,chn->bthc", q_nope, self.kv_b[...].astype(dt)[..., :n])
         adapter = self.kv_b_lora
         if adapter is not None:
             a_cr, b_rhk = adapter.a[...].astype(dt), adapter.b[...].astype(dt) * adapter.scale
             q_lat += jnp.einsum("bthr,cr->bthc", jnp.einsum("bthn,rhn->bthr", q_nope, b_rhk[..., :n]), a_cr)
+        return q_lat
+
+    def _unabsorb(self, o_lat):
+        """Attention outputs in the latent space [b,t,h,c] -> the block's output [b,t,d] (W_kvb's value half,
+        then W_o)."""
+        n, dt = self.config.qk_nope_head_dim, self.dtype
+        out_bthv = jnp.einsum("bthc,chv->bthv", o_lat.astype(dt), self.kv_b[...].astype(dt)[..., n:])
+        adapter = self.kv_b_lora
+        if adapter is not None:
+            a_cr, b_rhk = adapter.a[...].astype(dt), adapter.b[...].astype(dt) * adapter.scale
+            out_bthv += jnp.einsum("bthr,rhv->bthv", jnp.einsum("bthc,cr->bthr", o_lat.astype(dt), a_cr),
+                                   b_rhk[..., n:])
+        return self._proj("o", "bthv,hvd->btd", out_bthv)
+
+    def attend_absorbed(self, q_nope, q_rope, latent_bsc, k_rope_bsr, mask):
+        """Attention in the latent space (decode): W_kvb's key half absorbed into q, its value half applied after.
+
+        Keys and values are never expanded per head: each cached token costs kv_lora_rank + rope values.
+        """
+        dt = self.dtype
+        q_lat = self._absorb(q_nope)
         scores = jnp.einsum("bthc,bsc->bhts", q_lat, latent_bsc.astype(dt), preferred_element_type=jnp.float32)
         scores += jnp.einsum("bthr,bsr->bhts", q_rope, k_rope_bsr.astype(dt), preferred_element_type=jnp.float32)
-        scores *= c.softmax_scale
+        scores *= self.config.softmax_scale
         probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(dt)
-        o_lat = jnp.einsum("bhts,bsc->bthc", probs, latent_bsc.astype(dt))
-        out_bthv = jnp.einsum("bthc,chv->bthv", o_lat, kv_b[..., n:])
-        if adapter is not None:
-            out_bthv += jnp.einsum("bthr,rhv->bthv", jnp.einsum("bthc,cr->bthr", o_lat, a_cr), b_rhk[..., n:])
-        return self._proj("o", "bthv,hvd->btd", out_bthv)
+        return self._unabsorb(jnp.einsum("bhts,bsc->bthc", probs, latent_bsc.astype(dt)))
+
+    def attend_latent_blocks(self, q_nope, q_rope, latent_bsc, k_rope_bsr, positions_bt):
+        """Attention of a prompt chunk over the latent cache in key blocks with an online softmax (chunked
+        prefill): only the blocks up to the chunk's last position are read, each block's keys and values are
+        expanded from its latent as it is read, and no step holds more than [b, h, t, block] scores or a
+        block's keys, whatever the cache's length. (Expanding a block costs once for all the chunk's queries;
+        the absorbed form of decode would pay kv_lora_rank per head for every query-key pair instead.)"""
+        dt, scale = self.dtype, self.config.softmax_scale
+        b, t, h, _ = q_nope.shape
+        s = latent_bsc.shape[1]
+        kb = next((k for k in (512, 256, 128, 64) if s % k == 0), s)  # cache lengths are multiples of 64
+        vd = self.config.v_head_dim
+
+        def block(i, st):
+            m, l, acc = st
+            k0 = i * kb
+            k_nope, v = self._expand_kv(jax.lax.dynamic_slice_in_dim(latent_bsc, k0, kb, 1))
+            kr = jax.lax.dynamic_slice_in_dim(k_rope_bsr, k0, kb, 1).astype(dt)
+            sc = jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+            sc += jnp.einsum("bthr,bsr->bhts", q_rope, kr, preferred_element_type=jnp.float32)
+            visible = (k0 + jnp.arange(kb))[None, None, :] <= positions_bt[:, :, None]  # [b, t, kb]
+            sc = jnp.where(visible[:, None], sc * scale, -jnp.inf)
+            m_new = jnp.maximum(m, sc.max(-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(sc - m_safe[..., None])
+            corr = jnp.exp(m - m_safe)
+            pv = jnp.einsum("bhts,bshv->bthv", p.astype(dt), v, preferred_element_type=jnp.float32)
+            return m_new, l * corr + p.sum(-1), acc * jnp.swapaxes(corr, 1, 2)[..., None] + pv
+
+        init = (jnp.full((b, h, t), -jnp.inf, jnp.float32), jnp.zeros((b, h, t), jnp.float32),
+                jnp.zeros((b, t, h, vd), jnp.float32))
+        n_blocks = jnp.minimum(jnp.max(positions_bt) // kb + 1, s // kb)
+        _, l, acc = jax.lax.fori_loop(0, n_blocks, block, init)
+        return self._proj("o", "bthv,hvd->btd", (acc / jnp.swapaxes(l, 1, 2)[..., None]).astype(dt))

@@ -35,21 +35,21 @@ def _at(x, start, size, axis=1):
     return lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _forward(qn, qr, kn, kr, v, seg, c, scale):
+def _forward(qn, qr, kn, kr, v, seg_q, seg_k, q_off, c, scale):
     b, t, h, _ = qn.shape
     vd = v.shape[-1]
 
     def chunk(j, carry):
         out, lse, max_logit = carry
         q0 = j * c
-        qn_j, qr_j, seg_q = _at(qn, q0, c), _at(qr, q0, c), _at(seg, q0, c)
+        qn_j, qr_j, seg_j = _at(qn, q0, c), _at(qr, q0, c), _at(seg_q, q0, c)
 
         def block(i, st):
             m, l, acc, max_logit = st
             k0 = i * c
             s = _scores(qn_j, qr_j, _at(kn, k0, c), _at(kr, k0, c), scale)
-            mask = _mask(seg_q, _at(seg, k0, c), q0, k0)
-            real = mask & (seg_q != 0)[:, None, :, None]  # padding attends within itself, but is no statistic
+            mask = _mask(seg_j, _at(seg_k, k0, c), q_off + q0, k0)
+            real = mask & (seg_j != 0)[:, None, :, None]  # padding attends within itself, but is no statistic
             max_logit = jnp.maximum(max_logit, jnp.max(jnp.where(real, s, -jnp.inf), axis=(0, 2, 3)))
             s = jnp.where(mask, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(-1))
@@ -61,7 +61,8 @@ def _forward(qn, qr, kn, kr, v, seg, c, scale):
 
         init = (jnp.full((b, h, c), -jnp.inf, jnp.float32), jnp.zeros((b, h, c), jnp.float32),
                 jnp.zeros((b, c, h, vd), jnp.float32), max_logit)
-        m, l, acc, max_logit = lax.fori_loop(0, j + 1, block, init)  # key blocks 0..j: causal skipping
+        # key blocks up to the chunk's own: the later ones are causally masked, skipped
+        m, l, acc, max_logit = lax.fori_loop(0, q_off // c + j + 1, block, init)
         o = acc / jnp.swapaxes(l, 1, 2)[..., None]  # every query sees at least itself: l > 0
         out = lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), q0, 1)
         lse = lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l), q0, 2)
@@ -71,25 +72,32 @@ def _forward(qn, qr, kn, kr, v, seg, c, scale):
     return lax.fori_loop(0, t // c, chunk, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def blockwise_attention(qn, qr, kn, kr, v, seg, c: int, scale: float):
     """(out [b, t, h, v], max pre-softmax logit per head [h]) of causal attention within segments: q_nope
     [b, t, h, n] against k_nope [b, t, h, n], q_rope [b, t, h, r] against the shared k_rope [b, t, r], values
     [b, t, h, v]; seg [b, t] segment ids (0: padding, attending within itself, left out of the max logit).
     Query chunks and key blocks of c tokens (t % c == 0)."""
-    out, _, max_logit = _forward(qn, qr, kn, kr, v, seg, c, scale)
+    return blockwise_attention_at(qn, qr, kn, kr, v, seg, seg, jnp.int32(0), c, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def blockwise_attention_at(qn, qr, kn, kr, v, seg_q, seg_k, q_off, c: int, scale: float):
+    """blockwise_attention of queries [b, tq, ...] that sit at positions q_off.. of the keys' sequence [b, tk, ...]
+    (seg_q [b, tq], seg_k [b, tk]; q_off, which may be traced, a multiple of c): a context-parallel shard's
+    piece of the sequence against every key. Key blocks past each query chunk are skipped."""
+    out, _, max_logit = _forward(qn, qr, kn, kr, v, seg_q, seg_k, q_off, c, scale)
     return out, max_logit
 
 
-def _fwd(qn, qr, kn, kr, v, seg, c, scale):
-    out, lse, max_logit = _forward(qn, qr, kn, kr, v, seg, c, scale)
+def _fwd(qn, qr, kn, kr, v, seg_q, seg_k, q_off, c, scale):
+    out, lse, max_logit = _forward(qn, qr, kn, kr, v, seg_q, seg_k, q_off, c, scale)
     # named, so that a remat policy that saves them (save_moe_attn) does not run the forward's blocks again
     out, lse = checkpoint_name(out, "attn_out"), checkpoint_name(lse, "attn_lse")
-    return (out, max_logit), (qn, qr, kn, kr, v, seg, out, lse)
+    return (out, max_logit), (qn, qr, kn, kr, v, seg_q, seg_k, q_off, out, lse)
 
 
 def _bwd(c, scale, res, cts):
-    qn, qr, kn, kr, v, seg, out, lse = res
+    qn, qr, kn, kr, v, seg_q, seg_k, q_off, out, lse = res
     f32 = jnp.float32
     d_out = cts[0].astype(f32)  # the max logit is a statistic: no gradient flows through it
     delta = jnp.swapaxes(jnp.sum(d_out * out.astype(f32), -1), 1, 2)  # [b, h, t]
@@ -98,7 +106,7 @@ def _bwd(c, scale, res, cts):
     def chunk(j, carry):
         dqn, dqr, dkn, dkr, dv = carry
         q0 = j * c
-        qn_j, qr_j, seg_q, do_j = _at(qn, q0, c), _at(qr, q0, c), _at(seg, q0, c), _at(d_out, q0, c)
+        qn_j, qr_j, seg_j, do_j = _at(qn, q0, c), _at(qr, q0, c), _at(seg_q, q0, c), _at(d_out, q0, c)
         lse_j, delta_j = _at(lse, q0, c, 2), _at(delta, q0, c, 2)
 
         def block(i, st):
@@ -106,7 +114,7 @@ def _bwd(c, scale, res, cts):
             k0 = i * c
             knb, krb, vb = _at(kn, k0, c), _at(kr, k0, c), _at(v, k0, c)
             s = _scores(qn_j, qr_j, knb, krb, scale)
-            p = jnp.where(_mask(seg_q, _at(seg, k0, c), q0, k0), jnp.exp(s - lse_j[..., None]), 0.0)
+            p = jnp.where(_mask(seg_j, _at(seg_k, k0, c), q_off + q0, k0), jnp.exp(s - lse_j[..., None]), 0.0)
             ds = p * (jnp.einsum("bthv,bshv->bhts", do_j, vb.astype(f32)) - delta_j[..., None]) * scale
             dqn_j += jnp.einsum("bhts,bshn->bthn", ds, knb.astype(f32))
             dqr_j += jnp.einsum("bhts,bsr->bthr", ds, krb.astype(f32))
@@ -120,14 +128,15 @@ def _bwd(c, scale, res, cts):
             return dqn_j, dqr_j, dkn, dkr, dv
 
         init = (jnp.zeros(qn_j.shape, f32), jnp.zeros(qr_j.shape, f32), dkn, dkr, dv)
-        dqn_j, dqr_j, dkn, dkr, dv = lax.fori_loop(0, j + 1, block, init)
+        dqn_j, dqr_j, dkn, dkr, dv = lax.fori_loop(0, q_off // c + j + 1, block, init)
         dqn = lax.dynamic_update_slice_in_dim(dqn, dqn_j, q0, 1)
         dqr = lax.dynamic_update_slice_in_dim(dqr, dqr_j, q0, 1)
         return dqn, dqr, dkn, dkr, dv
 
     zeros = tuple(jnp.zeros(x.shape, f32) for x in (qn, qr, kn, kr, v))
     dqn, dqr, dkn, dkr, dv = lax.fori_loop(0, t // c, chunk, zeros)
-    return dqn.astype(qn.dtype), dqr.astype(qr.dtype), dkn.astype(kn.dtype), dkr.astype(kr.dtype), dv.astype(v.dtype), None
+    grads = dqn.astype(qn.dtype), dqr.astype(qr.dtype), dkn.astype(kn.dtype), dkr.astype(kr.dtype), dv.astype(v.dtype)
+    return (*grads, None, None, None)
 
 
-blockwise_attention.defvjp(_fwd, _bwd)
+blockwise_attention_at.defvjp(_fwd, _bwd)

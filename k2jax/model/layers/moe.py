@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -111,10 +112,16 @@ def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl
     mesh = jax.sharding.get_abstract_mesh()
     ep = mesh.shape.get("expert", 1) if not mesh.empty else 1
     tp = mesh.shape.get("tensor", 1) if not mesh.empty else 1
-    if ep == 1 and tp == 1:
+    # the flattened tokens [b*t] are split as the batch's rows, then (context parallelism) each row's sequence
+    tok_axes = () if mesh.empty else tuple(a for a in rules.mesh_axes("batch") + rules.mesh_axes("act_seq")
+                                           if mesh.shape.get(a, 1) > 1)
+    cp = any(a in rules.mesh_axes("act_seq") for a in tok_axes)
+    if ep == 1 and tp == 1 and not cp:
         return expert_ffn(x_td, idx_tk, w_tk, wg, wu, wd, layer=layer, **opts)
+    if x_td.shape[0] % math.prod(mesh.shape[a] for a in tok_axes):  # decode: fewer tokens than token shards
+        tok_axes = tuple(a for a in tok_axes if a not in rules.mesh_axes("act_seq"))
     lead = () if layer is None else ("layers",)
-    tok = rules.spec(("batch", None), mesh)
+    tok = P(tok_axes or None, None)
     w_in = rules.spec(lead + ("experts", None, "expert_mlp"), mesh)
     w_out = rules.spec(lead + ("experts", "expert_mlp", None), mesh)
     k_in, k_out = w_in, w_out
