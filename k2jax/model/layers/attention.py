@@ -9,7 +9,7 @@ from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from k2jax.model import cache as kv_cache
-from k2jax.model.layers.blockwise import blockwise_attention
+from k2jax.model.layers.blockwise import blockwise_attention, online_softmax_step
 from k2jax.model.layers.context import context_attention, context_size
 from k2jax.model.layers.common import RMSNorm, dtype_of, param
 from k2jax.model.layers.lora import Adapter
@@ -208,13 +208,7 @@ class MLAttention(nnx.Module):
             sc = jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
             sc += jnp.einsum("bthr,bsr->bhts", q_rope, kr, preferred_element_type=jnp.float32)
             visible = (k0 + jnp.arange(kb))[None, None, :] <= positions_bt[:, :, None]  # [b, t, kb]
-            sc = jnp.where(visible[:, None], sc * scale, -jnp.inf)
-            m_new = jnp.maximum(m, sc.max(-1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.exp(sc - m_safe[..., None])
-            corr = jnp.exp(m - m_safe)
-            pv = jnp.einsum("bhts,bshv->bthv", p.astype(dt), v, preferred_element_type=jnp.float32)
-            return m_new, l * corr + p.sum(-1), acc * jnp.swapaxes(corr, 1, 2)[..., None] + pv
+            return online_softmax_step(m, l, acc, jnp.where(visible[:, None], sc * scale, -jnp.inf), v)
 
         init = (jnp.full((b, h, t), -jnp.inf, jnp.float32), jnp.zeros((b, h, t), jnp.float32),
                 jnp.zeros((b, t, h, vd), jnp.float32))

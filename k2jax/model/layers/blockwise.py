@@ -35,6 +35,17 @@ def _at(x, start, size, axis=1):
     return lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
+def online_softmax_step(m, l, acc, s, v):
+    """One key block of an online softmax: running max m [b,h,t], sum l [b,h,t] and output acc [b,t,h,v]
+    (float32) updated with masked scores s [b,h,t,k] (-inf where hidden) and the block's values v [b,k,h,v]."""
+    m_new = jnp.maximum(m, s.max(-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # a row with nothing visible yet stays at zero
+    p = jnp.exp(s - m_safe[..., None])
+    corr = jnp.exp(m - m_safe)
+    pv = jnp.einsum("bhts,bshv->bthv", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return m_new, l * corr + p.sum(-1), acc * jnp.swapaxes(corr, 1, 2)[..., None] + pv
+
+
 def _forward(qn, qr, kn, kr, v, seg_q, seg_k, q_off, c, scale):
     b, t, h, _ = qn.shape
     vd = v.shape[-1]
@@ -51,13 +62,7 @@ def _forward(qn, qr, kn, kr, v, seg_q, seg_k, q_off, c, scale):
             mask = _mask(seg_j, _at(seg_k, k0, c), q_off + q0, k0)
             real = mask & (seg_j != 0)[:, None, :, None]  # padding attends within itself, but is no statistic
             max_logit = jnp.maximum(max_logit, jnp.max(jnp.where(real, s, -jnp.inf), axis=(0, 2, 3)))
-            s = jnp.where(mask, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(-1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # a row with nothing visible yet stays at zero
-            p = jnp.exp(s - m_safe[..., None])
-            corr = jnp.exp(m - m_safe)
-            pv = jnp.einsum("bhts,bshv->bthv", p.astype(v.dtype), _at(v, k0, c), preferred_element_type=jnp.float32)
-            return m_new, l * corr + p.sum(-1), acc * jnp.swapaxes(corr, 1, 2)[..., None] + pv, max_logit
+            return (*online_softmax_step(m, l, acc, jnp.where(mask, s, -jnp.inf), _at(v, k0, c)), max_logit)
 
         init = (jnp.full((b, h, c), -jnp.inf, jnp.float32), jnp.zeros((b, h, c), jnp.float32),
                 jnp.zeros((b, c, h, vd), jnp.float32), max_logit)
