@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -16,6 +15,7 @@ from k2jax.errors import ConfigError, ShardingError, TopologyError
 from k2jax.hardware import CHIPS, GiB, Chip
 from k2jax.model.config import Execution, K2Config
 from k2jax.model.sharding import make_mesh
+from k2jax.report import KINDS, Report, collective_bytes, collective_moves, splash_flops
 
 class DoesNotFit(RuntimeError):
     """The TPU compiler refused the step for lack of HBM; carries the bytes it needed and had, and whether
@@ -127,72 +127,6 @@ def topology_devices(name: str):
     return chip, desc.devices
 
 
-@dataclasses.dataclass
-class Report:
-    """What one AOT compilation tells: per-chip memory, FLOPs, estimated time."""
-
-    topology: str
-    mesh: dict
-    mode: str
-    chips: int
-    hbm_bytes: float
-    argument_bytes: int
-    output_bytes: int
-    temp_bytes: int
-    alias_bytes: int
-    flops: float  # per step, all chips, loop bodies scaled by their trip counts
-    analytic_flops: float
-    seconds: float  # XLA's estimate for one step
-    tokens: int
-    compile_s: float
-    collective_bytes: int
-    optimizer_flops: float = 0.0  # of `flops`: the optimizer update (MuonClip's Newton-Schulz), once per step
-
-    @property
-    def total_bytes(self) -> int:
-        return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.total_bytes <= self.hbm_bytes
-
-    def mfu(self, peak: float) -> float:
-        return self.analytic_flops / max(self.seconds, 1e-12) / (peak * self.chips)
-
-    def lines(self, peak: float) -> list[str]:
-        gib = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
-        verdict = "FITS" if self.fits else f"DOES NOT FIT: short by {(self.total_bytes - self.hbm_bytes) / GiB:.2f} GiB"
-        out = [f"{self.mode} step on {self.topology} ({self.chips} chips), mesh {self.mesh}; compiled in "
-               f"{self.compile_s:.1f}s",
-               f"  per-chip HBM: arguments {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)}, "
-               f"outputs {gib(self.output_bytes)}, aliased -{gib(self.alias_bytes)}",
-               f"  total {gib(self.total_bytes)} of {gib(self.hbm_bytes)} -> {verdict}",
-               f"  compiled FLOPs/step {self.flops:.4e}; analytic {self.analytic_flops:.4e}; ratio "
-               f"{self.flops / max(self.analytic_flops, 1):.3f}",
-               *([f"    of which the optimizer update {self.optimizer_flops:.4e} "
-                  f"({self.optimizer_flops / max(self.flops, 1):.1%}); ratio without it "
-                  f"{(self.flops - self.optimizer_flops) / max(self.analytic_flops, 1):.3f}"]
-                 if self.optimizer_flops else []),
-               f"  XLA-estimated step time {self.seconds:.3f}s -> MFU {self.mfu(peak):.1%}, "
-               f"{self.tokens / max(self.seconds, 1e-12):,.1f} tokens/s for the slice "
-               f"({self.tokens / max(self.seconds, 1e-12) / self.chips:,.2f} per chip)",
-               f"  collectives in the compiled module (loop bodies once): {self.collective_bytes / GiB:.2f} GiB"]
-        return out
-
-
-_COLLECTIVE = re.compile(r"=\s*(\w+)\[([\d,]*)\][^=]*?\s(all-reduce|all-gather|reduce-scatter|all-to-all|"
-                         r"collective-permute|ragged-all-to-all)(?:-start)?\(")
-_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1, "s64": 8}
-
-
-def collective_bytes(hlo_text: str) -> int:
-    """Sum of the result sizes of collective ops in an HLO module's text."""
-    total = 0
-    for dtype, dims, _ in _COLLECTIVE.findall(hlo_text):
-        total += _BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-    return total
-
-
 def _compile_train(config: K2Config, execution: Execution, mesh, batch: int, seq: int, microbatches: int,
                    grad_accum_dtype: str = "param", lora=None, base_quant: str = ""):
     from k2jax.train.optim import OptimConfig
@@ -225,11 +159,6 @@ def compile_optimizer(trainer, tx=None):
         return _compile_or_oom(jax.jit(update, in_shardings=shardings + (trainer.param_shardings,),
                                        out_shardings=shardings, donate_argnums=(0, 1))
                                .lower(state.params, state.opt_state, state.params))
-
-
-def _optimizer_cost(trainer, chip: Chip) -> tuple[float, float]:
-    """(per-chip FLOPs, seconds) of a Trainer's optimizer update alone."""
-    return _cost(compile_optimizer(trainer), chip)
 
 
 def _cost(compiled, chip: Chip) -> tuple[float, float]:
@@ -278,8 +207,8 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
     chip, devices = topology_devices(topology)
     mesh = make_mesh(mesh_spec, devices=devices)
     execution = execution or Execution()
-    if execution.moe_impl == "auto":  # what 'auto' means on a TPU host (this host's backend is the CPU)
-        execution = execution.replace(moe_impl="blocks")
+    if execution.kernels == "auto":  # what 'auto' means on a TPU host (this host's backend is the CPU)
+        execution = execution.replace(kernels="pallas")
     micro = batch // microbatches
     if flops_batch is None:
         from k2jax.model.sharding import ShardingRules
@@ -301,21 +230,32 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
                       mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, float("nan"),
                       analytic(config, batch * seq, seq), float("nan"), batch * seq, secs, 0)
 
-    def costs(small, run):  # (step FLOPs, step seconds, update FLOPs, update seconds) of one unrolled build
+    def costs(small, run):  # (step FLOPs, seconds, update FLOPs, seconds, step's and update's bytes by kind)
         c, _, small_trainer = _compile_train(small, run, mesh, flops_batch, seq, 1, lora=lora, base_quant=base_quant)
-        return _cost(c, chip) + _optimizer_cost(small_trainer, chip)
+        update = compile_optimizer(small_trainer)
+        text = c.as_text()
+        moves = collective_moves(text), collective_moves(update.as_text())
+        flops, secs = _cost(c, chip)
+        kernel = splash_flops(text, small.qk_head_dim, small.v_head_dim)  # counted by the report, at the peak rate
+        return ((flops + kernel, secs + kernel / chip.peak_flops) + _cost(update, chip) + tuple(moves[0][k] for k in KINDS)
+                + tuple(moves[1][k] for k in KINDS))
 
     built = by_depth(config, execution, costs)
-    f, s, opt, opt_s = (extrapolate({n: v[i] for n, v in built.items()}, config.num_hidden_layers) for i in range(4))
+    per_step = [extrapolate({n: v[i] for n, v in built.items()}, config.num_hidden_layers)
+                for i in range(4 + 2 * len(KINDS))]
+    f, s, opt, opt_s = per_step[:4]
     # each unrolled build holds one update; the step runs the model on `microbatches` x `micro` sequences and
-    # the update once
+    # the update once (the weights' gathers scale with the microbatches, not with the sequences: an upper bound)
     scale = microbatches * micro / flops_batch
     flops = scale * (f - opt) + opt
     seconds = scale * (s - opt_s) + opt_s
+    n = len(KINDS)
+    moved = {k: scale * (step - upd) + upd for k, step, upd in zip(KINDS, per_step[4:4 + n], per_step[4 + n:])}
     return Report(topology, dict(mesh.shape), "finetune" if lora is not None else "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
                   mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, flops * len(devices),
                   analytic(config, batch * seq, seq), seconds, batch * seq, secs,
-                  collective_bytes(compiled.as_text()), opt * len(devices))
+                  collective_bytes(compiled.as_text()), opt * len(devices), moved, dict(zip(KINDS, per_step[4 + n:])),
+                  chip.ici_bandwidth)
 
 
 def compile_decode(config: K2Config, topology: str, mesh_spec: str, *, batch: int, context: int,

@@ -18,18 +18,20 @@ class Chip:
     cores_per_chip: int  # Cloud TPU names count TensorCores for v4/v5p, chips for v5e/v6e
     chip_config: str | None
     hbm_bandwidth: float  # bytes/s
+    ici_bandwidth: float = 0.0  # bytes/s per chip over all its inter-chip links (TPU ICI, GPU NVLink)
 
 
+# ici_bandwidth: the published inter-chip Gbps per chip (v4 2,400; v5e 1,600; v5p 4,800; v6e 3,584) in bytes/s
 CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 3, 2, "megacore", 1228e9),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 2, 1, None, 819e9),
-    "v5p": Chip("v5p", 95.74 * GiB, 459e12, 3, 2, "megacore", 2765e9),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 2, 1, None, 1640e9),
+    "v4": Chip("v4", 32 * GiB, 275e12, 3, 2, "megacore", 1228e9, 2400e9 / 8),
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 2, 1, None, 819e9, 1600e9 / 8),
+    "v5p": Chip("v5p", 95.74 * GiB, 459e12, 3, 2, "megacore", 2765e9, 4800e9 / 8),
+    "v6e": Chip("v6e", 32 * GiB, 918e12, 2, 1, None, 1640e9, 3584e9 / 8),
 }
 GPUS = {
-    "H100": Chip("H100", 80 * GiB, 989e12, 0, 1, None, 3350e9),
-    "H200": Chip("H200", 141 * GiB, 989e12, 0, 1, None, 4800e9),
-    "A100": Chip("A100", 80 * GiB, 312e12, 0, 1, None, 2039e9),
+    "H100": Chip("H100", 80 * GiB, 989e12, 0, 1, None, 3350e9, 900e9),
+    "H200": Chip("H200", 141 * GiB, 989e12, 0, 1, None, 4800e9, 900e9),
+    "A100": Chip("A100", 80 * GiB, 312e12, 0, 1, None, 2039e9, 600e9),
 }
 # jax device_kind substrings of each TPU family, most specific first ("TPU v5 lite" is a v5e, "TPU v5" a v5p)
 _TPU_KINDS = (("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"), ("TPU v5p", "v5p"), ("TPU v5", "v5p"), ("TPU v6", "v6e"),

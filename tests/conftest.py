@@ -54,6 +54,7 @@ def small_tokenizer(tmp_path_factory):
 # the longest test files first: pytest.ini runs the files on two workers, and starting the long ones early keeps
 # both busy to the end (a long file started last runs alone)
 LONGEST_FIRST = ["test_lora.py", "test_pod.py", "test_notebooks.py", "test_resume.py", "test_train.py", "test_sft.py",
+                 "test_tpu_kernels.py", "test_long_context.py",
                  "test_lora_quant.py", "test_parity.py", "test_decode.py", "test_aot.py", "test_moe.py", "test_convert.py", "test_explore.py"]
 
 

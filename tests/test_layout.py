@@ -21,6 +21,7 @@ LAYERS = [
     ("data",),
     ("ckpt",),
     ("inference", "train"),
+    ("report",),
     ("aot", "testing", "explore"),
     ("cli",),
 ]

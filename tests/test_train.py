@@ -244,6 +244,20 @@ def test_eight_device_mesh_agrees_and_learns(tiny_config, corpus_batches, one_de
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
 
 
+def test_pallas_kernels_and_all_to_all_dispatch_train_as_one_device(tiny_config, corpus_batches, one_device_losses):
+    """The train step with the Pallas grouped matmul (interpreted) and all-to-all expert dispatch on data=2,expert=4:
+    the one-device losses, and the step's metrics report no dropped assignment (dropless)."""
+    run = TINY_RUN.replace(kernels="interpret", moe_dispatch="a2a")
+    t = _trainer(tiny_config, "data=2,expert=4", run, learning_rate=3e-3, warmup_steps=10)
+    state = t.init_state(0)
+    losses = []
+    for b in corpus_batches[:4]:
+        state, m = t.step(state, b)
+        losses.append(float(m["loss"]))
+        assert float(m["moe_dropped"]) == 0.0
+    np.testing.assert_allclose(losses, one_device_losses[:4], atol=1e-4, rtol=0)
+
+
 def test_chunked_cross_entropy_matches_float64():
     """Vocabulary chunks (rematerialised) and one whole-vocabulary chunk give the float64 loss and gradients, and
     the z-loss sum (masked logsumexp²) and its gradients."""

@@ -14,7 +14,9 @@ from typing import Any, Mapping
 from k2jax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe", "save_moe_attn")
-MOE_IMPLS = ("auto", "blocks", "ragged", "loop", "gather")
+MOE_IMPLS = ("auto", "blocks", "gmm", "ragged", "loop", "gather")
+MOE_DISPATCH = ("gather", "a2a")  # expert parallelism: all-gather the group's tokens, or all-to-all each token
+KERNELS = ("auto", "pallas", "interpret", "xla")  # Pallas TPU kernels: on a TPU backend, always, interpreted, never
 PARAM_DTYPES = ("float32", "bfloat16")  # what parameters and activations may be held in
 
 
@@ -108,10 +110,12 @@ class Execution:
     dtype: str = "bfloat16"  # compute dtype of matmuls (the router, norms and softmax stay float32)
     scan_layers: bool = True
     remat_policy: str = "none"
-    moe_impl: str = "auto"  # blocks (training, prefill) | ragged | loop (decode-sized token counts) | gather
+    moe_impl: str = "auto"  # gmm (Pallas, TPU) | blocks (training, prefill) | ragged | loop (decode-sized) | gather
+    moe_dispatch: str = "gather"  # how tokens reach the expert shards (MOE_DISPATCH)
     moe_block_size: int = 0  # rows per block of the grouped matmul; 0 picks one from the token count
-    moe_capacity_factor: float = 0.0  # >0: expert-parallel row buffers hold this x the balanced load (not dropless)
+    moe_capacity_factor: float = 0.0  # >0: expert-parallel row buffers hold this x the balanced load (drops counted)
     moe_block_unroll: int = 1  # unroll of the loop over blocks; 0 unrolls fully (so cost_analysis counts every block)
+    kernels: str = "auto"  # Pallas TPU kernels (KERNELS): "pallas" compiles them for a TPU target from any host
     attn_chunk: int = 0  # >0: query chunks of this length (memory ~chunk x seq) where it divides seq; 0: one matrix
 
     def replace(self, **changes: Any) -> "Execution":
@@ -119,16 +123,12 @@ class Execution:
         return override(self, changes)
 
     def __post_init__(self):
-        c = self
-        _check(c.param_dtype in PARAM_DTYPES, "param_dtype", f"expected one of {PARAM_DTYPES}, got {c.param_dtype!r}")
-        _check(c.dtype in PARAM_DTYPES, "dtype", f"expected one of {PARAM_DTYPES}, got {c.dtype!r}")
-        _check(c.remat_policy in REMAT_POLICIES, "remat_policy",
-               f"expected one of {REMAT_POLICIES}, got {c.remat_policy!r}")
-        _check(c.moe_impl in MOE_IMPLS, "moe_impl", f"expected one of {MOE_IMPLS}, got {c.moe_impl!r}")
-        _check(c.moe_block_size >= 0, "moe_block_size", f"expected >= 0, got {c.moe_block_size}")
-        _check(c.moe_capacity_factor >= 0, "moe_capacity_factor", f"expected >= 0, got {c.moe_capacity_factor}")
-        _check(c.moe_block_unroll >= 0, "moe_block_unroll", f"expected >= 0, got {c.moe_block_unroll}")
-        _check(c.attn_chunk >= 0, "attn_chunk", f"expected >= 0, got {c.attn_chunk}")
+        choices = {"param_dtype": PARAM_DTYPES, "dtype": PARAM_DTYPES, "remat_policy": REMAT_POLICIES,
+                   "moe_impl": MOE_IMPLS, "moe_dispatch": MOE_DISPATCH, "kernels": KERNELS}
+        for name, allowed in choices.items():
+            _check(getattr(self, name) in allowed, name, f"expected one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("moe_block_size", "moe_capacity_factor", "moe_block_unroll", "attn_chunk"):
+            _check(getattr(self, name) >= 0, name, f"expected >= 0, got {getattr(self, name)}")
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -246,6 +246,7 @@ class StepLog:
         self.log(f"step {step:6d}  loss {m['loss']:.4f}  grad_norm {m['grad_norm']:.3f}  lr {m['learning_rate']:.2e}"
                  f"  tok/s {m['tokens_per_s']:,.0f}  mfu {m['mfu']:.3f}"
                  + (f"  load max/mean {m['expert_load_imbalance']:.2f}" if "expert_load_imbalance" in m else "")
+                 + (f"  dropped {m['moe_dropped']:,.0f}" if m.get("moe_dropped") else "")
                  + f"  max_logit {m['max_attention_logit']:.2f}")
 
 

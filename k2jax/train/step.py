@@ -158,7 +158,9 @@ class Trainer:
         aux = {"ce_sum": ce, "tokens": mask.sum().astype(jnp.float32), "balance_sum": balance,
                "sequences": jnp.asarray(b, jnp.float32), "max_logit": {k: v["max_logit"] for k, v in stats.items()},
                "expert_load": {k: v["expert_load"] for k, v in stats.items() if "expert_load" in v},
-               "max_abs_logit": max_abs_logit}
+               "max_abs_logit": max_abs_logit,
+               "moe_dropped": sum((v["moe_dropped"].sum() for v in stats.values() if "moe_dropped" in v),
+                                  jnp.zeros(()))}
         return total, alpha, aux
 
     def _grads(self, params, bias, batch, base=None, key=None):
@@ -190,7 +192,7 @@ class Trainer:
         aux = {"ce_sum": auxs["ce_sum"].sum(), "tokens": auxs["tokens"].sum(), "balance_sum": auxs["balance_sum"].sum(),
                "sequences": auxs["sequences"].sum(), "max_logit": jax.tree.map(lambda x: x.max(0), auxs["max_logit"]),
                "expert_load": jax.tree.map(lambda x: x.sum(0), auxs["expert_load"]),
-               "max_abs_logit": auxs["max_abs_logit"].max()}
+               "max_abs_logit": auxs["max_abs_logit"].max(), "moe_dropped": auxs["moe_dropped"].sum()}
         return loss, grads, aux
 
     def step_fn(self, state: TrainState, batch, base=None) -> tuple[TrainState, dict]:
@@ -223,6 +225,7 @@ class Trainer:
             imbalance = [load.max(-1) / jnp.maximum(load.mean(-1), 1e-9) for load in aux["expert_load"].values()]
             metrics["expert_load_imbalance"] = jnp.max(jnp.stack([i.max() for i in imbalance]))
             metrics["balance_loss"] = aux["balance_sum"] / aux["sequences"]
+            metrics["moe_dropped"] = aux["moe_dropped"]  # (token, expert) assignments past a capacity, all layers
         metrics["step_ok"] = ok
         # any process's stop request (SIGTERM), reduced over the whole batch so that all processes agree
         metrics["stop_requested"] = jnp.max(batch["stop"]) > 0 if "stop" in batch else jnp.asarray(False)

@@ -11,9 +11,10 @@ from flax import nnx
 from k2jax.model import cache as kv_cache
 from k2jax.model.layers.blockwise import blockwise_attention, online_softmax_step
 from k2jax.model.layers.context import context_attention, context_size
-from k2jax.model.layers.common import RMSNorm, dtype_of, param
+from k2jax.model.layers.common import RMSNorm, dtype_of, pallas_mode, param
 from k2jax.model.layers.lora import Adapter
 from k2jax.model.layers.rope import apply_rope
+from k2jax.model.layers.splash import splash_attention, splash_fits
 from k2jax.model.sharding import ShardingRules, constrain
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm: DeepseekV3RMSNorm's default, whatever rms_norm_eps
@@ -52,6 +53,7 @@ class MLAttention(nnx.Module):
             setattr(self, f"{name}_lora", Adapter(f"attn.{name}", ins, outs, lora, c, run, rngs=rngs)
                     if adapted else None)
         self.config, self.rules, self.dtype, self.chunk = c, rules, dtype_of(run.dtype), run.attn_chunk
+        self.pallas = pallas_mode(run)  # training attention by the splash kernel ('compiled' or 'interpret')
 
     def _proj(self, name: str, eq: str, x: jax.Array, key=None) -> jax.Array:
         """x times the kernel `name` (an einsum `eq`), plus its adapter's low-rank update in a LoRA run."""
@@ -108,6 +110,8 @@ class MLAttention(nnx.Module):
                                                       self.config.softmax_scale)
             out_bthv = checkpoint_name(out_bthv.astype(self.dtype), "attn_out")
             return self._proj("o", "bthv,hvd->btd", out_bthv, key), jax.lax.stop_gradient(max_logit_h), None
+        if self.pallas is not None and splash_fits(t):
+            return (*self.attend_splash(q_nope, q_rope, latent_btc, k_rope_btr, segment_ids_bt, key), None)
         if 0 < chunk < t and t % chunk == 0:
             return (*self.attend_chunked(q_nope, q_rope, latent_btc, k_rope_btr, segment_ids_bt, chunk, key), None)
         mask = attention_mask(segment_ids_bt, t)
@@ -149,6 +153,17 @@ class MLAttention(nnx.Module):
         seg = jnp.ones((b, t), jnp.int32) if segment_ids_bt is None else segment_ids_bt
         out_bthv, max_logit_h = blockwise_attention(q_nope, q_rope, k_nope, k_rope_btr, v_bshv, seg, chunk,
                                                     self.config.softmax_scale)
+        out_bthv = checkpoint_name(out_bthv.astype(self.dtype), "attn_out")
+        return self._proj("o", "bthv,hvd->btd", out_bthv, key), jax.lax.stop_gradient(max_logit_h)
+
+    def attend_splash(self, q_nope, q_rope, latent_btc, k_rope_btr, segment_ids_bt, key=None):
+        """Causal attention by the Pallas splash kernel (layers/splash.py); returns (out [b,t,d], max pre-softmax
+        logit per head [h], from the rows' log-sum-exp: an upper bound within log(keys) of it)."""
+        k_nope, v_bshv = self._expand_kv(latent_btc, key)
+        seg = jnp.ones(q_nope.shape[:2], jnp.int32) if segment_ids_bt is None else segment_ids_bt
+        out_bthv, max_logit_h = splash_attention(q_nope, q_rope, k_nope, k_rope_btr, v_bshv, seg,
+                                                 self.config.softmax_scale, self.rules,
+                                                 interpret=self.pallas == "interpret")
         out_bthv = checkpoint_name(out_bthv.astype(self.dtype), "attn_out")
         return self._proj("o", "bthv,hvd->btd", out_bthv, key), jax.lax.stop_gradient(max_logit_h)
 

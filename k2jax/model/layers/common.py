@@ -1,4 +1,4 @@
-"""Declared-parameter creation, dtype names, RMSNorm and the SwiGLU MLP."""
+"""Declared-parameter creation, dtype names, which kernels run (`pallas_mode`), RMSNorm and the SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -32,6 +32,16 @@ def param(rngs: nnx.Rngs, key: str, shape: Sequence[int], config, execution) -> 
     else:
         value = jnp.full(shape, 1.0 if spec.init == "ones" else 0.0, dtype)
     return spec.kind(value, out_sharding=tuple(spec.axes), eager_sharding=False)
+
+
+def pallas_mode(execution) -> str | None:
+    """'compiled', 'interpret' or None (the XLA paths) for `execution.kernels`: 'auto' compiles the Pallas kernels
+    where the default backend is a TPU; 'pallas' always (k2jax-compile for a TPU target from a CPU host);
+    'interpret' runs them in Pallas's interpreter (CPU tests); 'xla' never uses them."""
+    kernels = execution.kernels
+    if kernels == "auto":
+        return "compiled" if jax.default_backend() == "tpu" else None
+    return {"pallas": "compiled", "interpret": "interpret", "xla": None}[kernels]
 
 
 class RMSNorm(nnx.Module):

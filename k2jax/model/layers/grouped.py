@@ -1,6 +1,9 @@
 """Dropless grouped expert matmuls: every (token, expert) assignment is computed, none dropped.
 
-Four formulations with the same result:
+Five formulations with the same result:
+- "gmm": rows sorted by expert and JAX's Pallas grouped matmul for TPU (megablox gmm/tgmm, layers/megablox.py);
+  training's plain kernels only (stacked, quantised or adapted kernels take "blocks"); on other backends it runs
+  in Pallas's interpreter (tests);
 - "ragged": rows sorted by expert and `jax.lax.ragged_dot` (near the ideal forward on TPU, but the TPU
   compiler costs its weight gradient densely over every expert, and the CPU backend lowers it to dense work
   over every expert);
@@ -27,6 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from k2jax.model.layers.megablox import gmm_swiglu
+from k2jax.model.layers.permute import inverse, take_rows
+from k2jax.model.quant import QArray
 from k2jax.model.layers.expert_blocks import (ExpertLora, block_swiglu_lora, blocks_forward, kernel, lora_at,
                                               ragged_lora, scan_blocks, swiglu_one)
 
@@ -221,19 +227,22 @@ block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)
 def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.Array, wu_edf: jax.Array,
                wd_efd: jax.Array, *, impl: str, block_size: int = 0, unroll: int = 1, capacity: int = 0,
                layer: jax.Array | None = None, lora: ExpertLora | None = None, scale: float = 1.0,
-               rate: float = 0.0) -> jax.Array:
+               rate: float = 0.0, interpret: bool = False) -> jax.Array:
     """sum_k w[t,k] * SwiGLU_{idx[t,k]}(x[t]) -> [t, d]; ids outside [0, e) contribute nothing (other shards).
 
     capacity > 0 bounds the rows computed (assignments past it, in expert order, are dropped); 0 = dropless.
     With `layer`, the kernels are stacked over layers ([layers, e, d, f]) and read at that layer in place
     (inference only: no gradient for stacked kernels through 'blocks' or 'ragged'). With `lora` (a LoRA run),
     each expert's adapters add scale·(x·A)·B to its gate, up and down products on the same rows (dropout at
-    `rate` with lora.key); the base kernels then get no gradient.
+    `rate` with lora.key); the base kernels then get no gradient. `interpret`: "gmm"'s kernels in Pallas's
+    interpreter (any backend) instead of compiled for TPU.
     """
     t, k = idx_tk.shape
     n_exp = wg_edf.shape[0 if layer is None else 1]
     dtype = x_td.dtype
     impl, min_block = resolve_impl(impl, t * k, n_exp)
+    if impl == "gmm" and (layer is not None or lora is not None or isinstance(wg_edf, QArray)):
+        impl, min_block = "blocks", 8  # the Pallas kernels take one layer's plain [e, d, f] kernels
     if impl == "gather":
         return _gather_swiglu(x_td, idx_tk, w_tk, wg_edf, wu_edf, wd_efd, layer, lora, scale)
     if impl == "loop":
@@ -252,9 +261,13 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
     token = order // k
     weight = jnp.where(valid, w_tk.reshape(-1), 0.0)[order]
     group_sizes = jnp.zeros((n_exp + 1,), jnp.int32).at[sorted_key].add(1)[:n_exp]
-    x_md = x_td[token]
+    inv = inverse(order, t * k)  # each assignment's sorted row (-1: past the capacity)
+    x_md = take_rows(x_td, token, inv.reshape(t, k))  # gathers both ways (layers/permute.py)
     m = order.shape[0]
-    if impl == "ragged" and lora is not None:
+    if impl == "gmm":  # one more group: the rows for no expert here, never computed
+        gs = jnp.zeros((n_exp + 1,), jnp.int32).at[sorted_key].add(1)
+        y_md = gmm_swiglu(x_md.astype(dtype), wg_edf, wu_edf, wd_efd, gs, interpret=interpret)
+    elif impl == "ragged" and lora is not None:
         y_md = ragged_lora(x_md.astype(dtype), wg_edf, wu_edf, wd_efd, group_sizes, lora, scale, rate)
     elif impl == "ragged":
         y_md = _swiglu_rows(x_md.astype(dtype), wg_edf, wu_edf, wd_efd, group_sizes)
@@ -282,10 +295,10 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
         else:
             y_nbd = blocks_forward(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll, layer, lora,
                                     scale)
-        y_md = y_nbd.reshape(n_blocks * b, -1).at[dest].get(mode="fill", fill_value=0)
-        return jnp.zeros_like(x_td).at[token].add(y_md)
-    y_md = y_md * weight[:, None].astype(dtype)
-    return jnp.zeros_like(x_td).at[token].add(y_md)
+        y_md = y_nbd.reshape(n_blocks * b, -1).at[dest].get(mode="fill", fill_value=0)  # weighted inside
+    if impl in ("gmm", "ragged"):
+        y_md = y_md * weight[:, None].astype(dtype)
+    return take_rows(y_md, inv, order[:, None]).reshape(t, k, -1).sum(1)  # each token's k rows, summed
 
 
 def ideal_moe_flops(tokens: int, config) -> int:

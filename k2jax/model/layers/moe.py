@@ -11,7 +11,8 @@ from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from k2jax.model.layers.common import MLP, dtype_of, param
+from k2jax.model.layers.common import MLP, dtype_of, pallas_mode, param
+from k2jax.model.layers.dispatch import a2a_experts
 from k2jax.model.layers.grouped import ExpertLora, expert_ffn
 from k2jax.model.layers.lora import ExpertAdapter, fold
 from k2jax.model.quant import QArray
@@ -71,10 +72,13 @@ class MoE(nnx.Module):
             lora, layer = self.expert_adapters(key), None
         else:  # cast per expert as it is read: converting the stacks here would convert every layer's experts
             wg, wu, wd, lora, layer = stacked
-        y_td = routed_experts(x_td, idx, weights, wg, wu, wd, self.rules, impl=run.moe_impl,
-                              block_size=run.moe_block_size, unroll=run.moe_block_unroll,
-                              capacity_factor=run.moe_capacity_factor, layer=layer, lora=lora,
-                              scale=self.lora_scale, rate=self.lora_rate)
+        mode = pallas_mode(run)
+        impl = "gmm" if run.moe_impl == "auto" and mode is not None else run.moe_impl
+        y_td, dropped = routed_experts(x_td, idx, weights, wg, wu, wd, self.rules, impl=impl,
+                                       block_size=run.moe_block_size, unroll=run.moe_block_unroll,
+                                       capacity_factor=run.moe_capacity_factor, layer=layer, lora=lora,
+                                       scale=self.lora_scale, rate=self.lora_rate, dispatch=run.moe_dispatch,
+                                       interpret=mode != "compiled")
         if self.shared is not None:
             y_td = y_td + self.shared(x_td, key)
         y_btd = y_td.reshape(b, t, d).astype(x_btd.dtype)
@@ -91,24 +95,30 @@ class MoE(nnx.Module):
         f_be = hits_bte.sum(1) * c.n_routed_experts / (c.num_experts_per_tok * n_tok[:, None])
         probs = scores.reshape(b, t, -1) / scores.reshape(b, t, -1).sum(-1, keepdims=True)
         p_be = (probs * mask[..., None]).sum(1) / n_tok[:, None]
-        stats = {"expert_load": jax.lax.stop_gradient(load_e), "balance_loss": (f_be * p_be).sum(), **chosen}
+        stats = {"expert_load": jax.lax.stop_gradient(load_e), "balance_loss": (f_be * p_be).sum(),
+                 "moe_dropped": jax.lax.stop_gradient(dropped), **chosen}
         return y_btd, stats
 
 
 def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl: str, block_size: int = 0,
                    unroll: int = 1, capacity_factor: float = 0.0, layer: jax.Array | None = None,
-                   lora: ExpertLora | None = None, scale: float = 1.0, rate: float = 0.0):
-    """Dropless routed-expert output [t, d]; on a mesh with expert/tensor axes the tokens travel, not weights.
+                   lora: ExpertLora | None = None, scale: float = 1.0, rate: float = 0.0, dispatch: str = "gather",
+                   interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(routed-expert output [t, d], assignments dropped over the whole batch); on a mesh with expert/tensor
+    axes the tokens travel, not weights.
 
-    Each `expert` shard all-gathers the tokens (and their routing) of its expert group, computes the assignments
-    of its local experts, and a reduce-scatter returns every token's sum to the shard that owns the token.
-    The `tensor` axis splits each expert's hidden dim (partial sums are added with a psum). The buffer of
-    rows a shard computes is the dropless worst case (every gathered token on its experts) unless
-    capacity_factor > 0 bounds it to that multiple of the balanced load. With `layer`, the kernels are
-    stacked over layers ([layers, e, d, f]) and read at that index. `lora`: the experts' adapters, split over
-    `expert` like their kernels (B's hidden dim, and A's of the down kernel, over `tensor`).
+    dispatch="gather": each `expert` shard all-gathers the tokens (and their routing) of its expert group,
+    computes the assignments of its local experts, and a reduce-scatter returns every token's sum to the shard
+    that owns the token; its row buffer is the dropless worst case (every gathered token on its experts) unless
+    capacity_factor > 0 bounds it to that multiple of the balanced load. dispatch="a2a": each assignment goes
+    only to the shard of its expert and back (layers/dispatch.py), slots of capacity_factor x the balanced load
+    (0: dropless). Assignments past a capacity are dropped and counted, never silently. The `tensor` axis
+    splits each expert's hidden dim (partial sums are added with a psum). With `layer`, the kernels are stacked
+    over layers ([layers, e, d, f]) and read at that index. `lora`: the experts' adapters, split over `expert`
+    like their kernels (B's hidden dim, and A's of the down kernel, over `tensor`).
     """
-    opts = dict(impl=impl, block_size=block_size, unroll=unroll, lora=lora, scale=scale, rate=rate)
+    opts = dict(impl=impl, block_size=block_size, unroll=unroll, lora=lora, scale=scale, rate=rate,
+                interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
     ep = mesh.shape.get("expert", 1) if not mesh.empty else 1
     tp = mesh.shape.get("tensor", 1) if not mesh.empty else 1
@@ -117,7 +127,7 @@ def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl
                                            if mesh.shape.get(a, 1) > 1)
     cp = any(a in rules.mesh_axes("act_seq") for a in tok_axes)
     if ep == 1 and tp == 1 and not cp:
-        return expert_ffn(x_td, idx_tk, w_tk, wg, wu, wd, layer=layer, **opts)
+        return expert_ffn(x_td, idx_tk, w_tk, wg, wu, wd, layer=layer, **opts), jnp.zeros((), jnp.float32)
     if x_td.shape[0] % math.prod(mesh.shape[a] for a in tok_axes):  # decode: fewer tokens than token shards
         tok_axes = tuple(a for a in tok_axes if a not in rules.mesh_axes("act_seq"))
     lead = () if layer is None else ("layers",)
@@ -132,11 +142,25 @@ def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl
         rank_in = rules.spec(lead + ("experts", None, None), mesh)  # A of gate/up, B of down: [e, d, r], [e, r, d]
         lo_specs = ExpertLora(rank_in, w_in, rank_in, w_in, w_out, rank_in, None if lora.key is None else P())
     n_local = wg.shape[len(lead)] // ep
-    split = "expert" in jax.tree.leaves(tuple(tok))  # are tokens split over the expert axis, or replicated?
+    split = "expert" in tok_axes  # are tokens split over the expert axis, or replicated?
+    a2a = dispatch == "a2a" and ep > 1 and split
+    # the drop counts are summed over the shards that hold distinct assignments
+    count_axes = tok_axes + (("expert",) if ep > 1 and not split else ())
 
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=(tok, tok, tok, k_in, k_in, k_out, lo_specs, P()),
-                       out_specs=tok, check_vma=False)
+                       out_specs=(tok, P()), check_vma=False)
     def local(x, idx, w, g, u, dn, lo, layer):
+        if lo is not None and lo.key is not None:  # each shard its own dropout masks
+            shard = jax.lax.axis_index("expert") * tp + jax.lax.axis_index("tensor") if tp > 1 else \
+                jax.lax.axis_index("expert")
+            lo = lo._replace(key=jax.random.fold_in(lo.key, shard))
+        if a2a:
+            def ffn(rows, ids, ones):
+                return expert_ffn(rows, ids, ones, g, u, dn, layer=layer, **{**opts, "lora": lo})
+
+            y, dropped = a2a_experts(x, idx, w, ffn, shards=ep, n_local=n_local, capacity_factor=capacity_factor,
+                                     tensor=tp > 1)
+            return y, jax.lax.psum(dropped, count_axes) if count_axes else dropped
         if ep > 1 and split:
             x = jax.lax.all_gather(x, "expert", axis=0, tiled=True)
             idx = jax.lax.all_gather(idx, "expert", axis=0, tiled=True)
@@ -144,17 +168,15 @@ def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl
         if ep > 1:
             idx = idx - jax.lax.axis_index("expert") * n_local
         cap = int(capacity_factor * idx.size / ep) if capacity_factor > 0 else 0
-        if lo is not None and lo.key is not None:  # each shard its own dropout masks
-            shard = jax.lax.axis_index("expert") * tp + jax.lax.axis_index("tensor") if tp > 1 else \
-                jax.lax.axis_index("expert")
-            lo = lo._replace(key=jax.random.fold_in(lo.key, shard))
+        valid = jnp.sum((idx >= 0) & (idx < n_local)).astype(jnp.float32)
+        dropped = jnp.maximum(valid - cap, 0.0) if cap else jnp.zeros((), jnp.float32)
         y = expert_ffn(x, idx, w, g, u, dn, capacity=cap, layer=layer, **{**opts, "lora": lo})
         if tp > 1:
             y = jax.lax.psum(y, "tensor")
         if ep > 1:
             y = (jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True) if split
                  else jax.lax.psum(y, "expert"))
-        return y
+        return y, jax.lax.psum(dropped, count_axes) if count_axes else dropped
 
     return local(x_td, idx_tk, w_tk, wg, wu, wd, lora, layer)
 

@@ -1,0 +1,148 @@
+"""What an AOT compilation tells (`Report`: per-chip memory, FLOPs, time, collectives) and the reading of a
+compiled module's collectives: which kind, how many bytes each chip moves."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from k2jax.hardware import GiB
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_OP = re.compile(r"=\s*(\(?[^=]*?\)?)\s(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|"
+                 r"ragged-all-to-all)(-start)?\(([^\n]*)")
+_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1, "s64": 8,
+          "f64": 8, "u64": 8, "s16": 2, "u16": 2, "f8e5m2": 1}
+
+
+def _sizes(types: str) -> list[int]:
+    return [_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in _SHAPE.findall(types)]
+
+
+def group_size(attrs: str) -> int:
+    """Devices in each replica group of a collective, from its HLO attributes (the mesh-axes, iota and explicit
+    forms); 1 when none is given."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    if m:
+        sizes = dict((k.strip("' "), int(v)) for k, v in (kv.split("=") for kv in m.group(1).split(",")))
+        return math.prod(sizes[a.strip("' ")] for a in m.group(2).split(",") if a.strip())
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
+    if m:
+        return int(m.group(2))
+    m = re.search(r"replica_groups=\{\{([\d,]*)\}", attrs)
+    return len(m.group(1).split(",")) if m else 1
+
+
+def collective_moves(hlo_text: str) -> dict[str, float]:
+    """Bytes each chip sends per kind of collective in a compiled module's text (each op counted once, loop bodies
+    included once): with result size R over groups of n, an all-gather or all-to-all moves R(n-1)/n, a
+    reduce-scatter R(n-1), an all-reduce 2R(n-1)/n (ring), a collective-permute R."""
+    moved = dict.fromkeys(KINDS, 0.0)
+    for types, kind, start, attrs in _OP.findall(hlo_text):
+        sizes = _sizes(types)
+        if start and kind != "all-reduce":  # (operands..., results...) of an async start
+            sizes = sizes[len(sizes) // 2:]
+        r, n = float(sum(sizes)), group_size(attrs)
+        kind = "all-to-all" if kind == "ragged-all-to-all" else kind
+        moved[kind] += {"all-gather": r * (n - 1) / n, "all-to-all": r * (n - 1) / n, "reduce-scatter": r * (n - 1),
+                        "all-reduce": 2 * r * (n - 1) / n, "collective-permute": r}[kind]
+    return moved
+
+
+_SPLASH = re.compile(r"%splash_mha_(fwd|dq|dkv)[\w.]* = ([^\n]*?) custom-call\(")
+
+
+def splash_flops(hlo_text: str, qk_dim: int, v_dim: int) -> float:
+    """FLOPs of the splash-attention kernel calls in a compiled module (their pallas_calls carry no cost estimate,
+    so XLA's cost analysis counts them as nothing): per call of b x h sequences of t tokens, the causal key
+    blocks each query block visits (nb(nb+1)/2 blocks of B² pairs), times 2(qk + v) for the forward, 2(2qk + v)
+    for dq (scores again, dO·Vᵀ, dS·K) and 2(2qk + 2v) for dk, dv."""
+    from k2jax.model.layers.splash import block_size
+
+    per_pair = {"fwd": qk_dim + v_dim, "dq": 2 * qk_dim + v_dim, "dkv": 2 * qk_dim + 2 * v_dim}
+    total = 0.0
+    for kind, types in _SPLASH.findall(hlo_text):
+        shapes = [tuple(int(d) for d in dims.split(",")) for _, dims in _SHAPE.findall(types)]
+        rank = max(len(x) for x in shapes)  # outputs [b, h, t, .], or [h, t, .] for one sequence; the rest scratch
+        b, h, t = next((1,) * (4 - rank) + x[:rank - 1] for x in shapes if len(x) == rank)
+        nb = t // block_size(t)
+        total += b * h * nb * (nb + 1) / 2 * block_size(t) ** 2 * 2 * per_pair[kind]
+    return total
+
+
+def collective_bytes(hlo_text: str) -> int:
+    """Sum of the result sizes of the collective ops in an HLO module's text."""
+    return int(sum(sum(_sizes(types)[len(_sizes(types)) // 2 if start and kind != "all-reduce" else 0:])
+                   for types, kind, start, _ in _OP.findall(hlo_text)))
+
+
+@dataclasses.dataclass
+class Report:
+    """What one AOT compilation tells: per-chip memory, FLOPs, estimated time, collectives."""
+
+    topology: str
+    mesh: dict
+    mode: str
+    chips: int
+    hbm_bytes: float
+    argument_bytes: int
+    output_bytes: int
+    temp_bytes: int
+    alias_bytes: int
+    flops: float  # per step, all chips, loop bodies scaled by their trip counts
+    analytic_flops: float
+    seconds: float  # XLA's estimate for one step
+    tokens: int
+    compile_s: float
+    collective_bytes: int
+    optimizer_flops: float = 0.0  # of `flops`: the optimizer update (MuonClip's Newton-Schulz), once per step
+    collectives: dict = dataclasses.field(default_factory=dict)  # bytes each chip moves per step, by kind
+    optimizer_collectives: dict = dataclasses.field(default_factory=dict)  # of which the optimizer update's
+    ici_bandwidth: float = 0.0  # bytes/s per chip, all links
+
+    @property
+    def total_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.hbm_bytes
+
+    def mfu(self, peak: float) -> float:
+        return self.analytic_flops / max(self.seconds, 1e-12) / (peak * self.chips)
+
+    @property
+    def communication_seconds(self) -> float:
+        """The step's collectives at the chip's full ICI bandwidth: a lower bound of their time."""
+        return sum(self.collectives.values()) / self.ici_bandwidth if self.ici_bandwidth else float("nan")
+
+    def lines(self, peak: float) -> list[str]:
+        gib = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
+        verdict = "FITS" if self.fits else f"DOES NOT FIT: short by {(self.total_bytes - self.hbm_bytes) / GiB:.2f} GiB"
+        out = [f"{self.mode} step on {self.topology} ({self.chips} chips), mesh {self.mesh}; compiled in "
+               f"{self.compile_s:.1f}s",
+               f"  per-chip HBM: arguments {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)}, "
+               f"outputs {gib(self.output_bytes)}, aliased -{gib(self.alias_bytes)}",
+               f"  total {gib(self.total_bytes)} of {gib(self.hbm_bytes)} -> {verdict}",
+               f"  compiled FLOPs/step {self.flops:.4e}; analytic {self.analytic_flops:.4e}; ratio "
+               f"{self.flops / max(self.analytic_flops, 1):.3f}",
+               *([f"    of which the optimizer update {self.optimizer_flops:.4e} "
+                  f"({self.optimizer_flops / max(self.flops, 1):.1%}); ratio without it "
+                  f"{(self.flops - self.optimizer_flops) / max(self.analytic_flops, 1):.3f}"]
+                 if self.optimizer_flops else []),
+               f"  XLA-estimated step time {self.seconds:.3f}s -> MFU {self.mfu(peak):.1%}, "
+               f"{self.tokens / max(self.seconds, 1e-12):,.1f} tokens/s for the slice "
+               f"({self.tokens / max(self.seconds, 1e-12) / self.chips:,.2f} per chip)",
+               f"  collectives in the compiled module (loop bodies once): {self.collective_bytes / GiB:.2f} GiB"]
+        if self.collectives:
+            comm = self.communication_seconds
+            kinds = lambda d: ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in d.items() if v) or "none"  # noqa: E731
+            out += ["  bytes each chip sends per step: " + kinds(self.collectives),
+                    *(["    of which the optimizer update: " + kinds(self.optimizer_collectives)]
+                      if self.optimizer_collectives else []),
+                    f"  communication at the full ICI bandwidth ({self.ici_bandwidth / 1e9:.0f} GB/s per chip) "
+                    f"{comm:.3f}s against the {self.seconds:.3f}s estimate: {comm / (comm + self.seconds):.1%} of "
+                    f"the step if none of it overlaps compute"]
+        return out
