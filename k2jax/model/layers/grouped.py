@@ -261,9 +261,13 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
     token = order // k
     weight = jnp.where(valid, w_tk.reshape(-1), 0.0)[order]
     group_sizes = jnp.zeros((n_exp + 1,), jnp.int32).at[sorted_key].add(1)[:n_exp]
-    inv = inverse(order, t * k)  # each assignment's sorted row (-1: past the capacity)
-    x_md = take_rows(x_td, token, inv.reshape(t, k))  # gathers both ways (layers/permute.py)
     m = order.shape[0]
+    # rows by gathers both ways (layers/permute.py) where this shard computes most assignments (one device, the
+    # a2a receive side); under gather dispatch it computes 1/expert of them, and the gathers' [t·k, d]
+    # cotangents would outgrow the scatter's [t, d]
+    by_gather = 2 * m >= t * k
+    inv = inverse(order, t * k) if by_gather else None  # each assignment's sorted row (-1: past the capacity)
+    x_md = take_rows(x_td, token, inv.reshape(t, k)) if by_gather else x_td[token]
     if impl == "gmm":  # one more group: the rows for no expert here, never computed
         gs = jnp.zeros((n_exp + 1,), jnp.int32).at[sorted_key].add(1)
         y_md = gmm_swiglu(x_md.astype(dtype), wg_edf, wu_edf, wd_efd, gs, interpret=interpret)
@@ -298,7 +302,9 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
         y_md = y_nbd.reshape(n_blocks * b, -1).at[dest].get(mode="fill", fill_value=0)  # weighted inside
     if impl in ("gmm", "ragged"):
         y_md = y_md * weight[:, None].astype(dtype)
-    return take_rows(y_md, inv, order[:, None]).reshape(t, k, -1).sum(1)  # each token's k rows, summed
+    if by_gather:
+        return take_rows(y_md, inv, order[:, None]).reshape(t, k, -1).sum(1)  # each token's k rows, summed
+    return jnp.zeros_like(x_td).at[token].add(y_md)
 
 
 def ideal_moe_flops(tokens: int, config) -> int:
