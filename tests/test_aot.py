@@ -125,7 +125,7 @@ def test_moe_layer_compiled_for_tpu_stays_near_the_ideal_flops():
 def test_full_k2_on_v5e_8_reports_the_shortfall_without_allocating_weights():
     r = _compile("--config=kimi_k2", "--topology=v5e-8", "--mode=train")
     assert r.returncode == 1, r.stdout + r.stderr
-    m = re.search(r"DOES NOT FIT: .*short by at least ([\d.]+) GiB", r.stdout)
+    m = re.search(r"DOES NOT FIT: .*short by (?:at least )?([\d.]+) GiB", r.stdout)  # refused, or compiled over
     assert m and float(m.group(1)) > 100
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     assert peak < 8 * 2**30  # the 1.03T weights (>= 1.9 TiB in bf16) were never allocated

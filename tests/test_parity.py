@@ -141,7 +141,8 @@ def test_remat_policies_keep_gradients_and_save_moe_attn_recomputes_little(hf_ti
         for (path, a), (_, b) in zip(nnx.to_flat_state(ref), nnx.to_flat_state(grads)):
             a, b = np.asarray(a.get_value()), np.asarray(b.get_value())
             assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max() + 1e-8, (policy, path)
-    assert none <= flops["save_moe_attn"] <= 1.05 * none and flops["full"] >= 1.15 * none, (none, flops)
+    # save_moe_attn recomputes routing and the row moves (their gathers, layers/permute.py: 5.0% here)
+    assert none <= flops["save_moe_attn"] <= 1.06 * none and flops["full"] >= 1.15 * none, (none, flops)
 
 
 def test_train_step_temporaries_grow_linearly_with_the_sequence():

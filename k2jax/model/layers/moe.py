@@ -126,7 +126,7 @@ def routed_experts(x_td, idx_tk, w_tk, wg, wu, wd, rules: ShardingRules, *, impl
     tok_axes = () if mesh.empty else tuple(a for a in rules.mesh_axes("batch") + rules.mesh_axes("act_seq")
                                            if mesh.shape.get(a, 1) > 1)
     cp = any(a in rules.mesh_axes("act_seq") for a in tok_axes)
-    if ep == 1 and tp == 1 and not cp:
+    if ep == 1 and tp == 1 and not cp and (impl != "gmm" or not tok_axes):  # a Pallas kernel needs the shard_map
         return expert_ffn(x_td, idx_tk, w_tk, wg, wu, wd, layer=layer, **opts), jnp.zeros((), jnp.float32)
     if x_td.shape[0] % math.prod(mesh.shape[a] for a in tok_axes):  # decode: fewer tokens than token shards
         tok_axes = tuple(a for a in tok_axes if a not in rules.mesh_axes("act_seq"))
