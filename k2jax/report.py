@@ -51,24 +51,34 @@ def collective_moves(hlo_text: str) -> dict[str, float]:
     return moved
 
 
-_SPLASH = re.compile(r"%splash_mha_(fwd|dq|dkv)[\w.]* = ([^\n]*?) custom-call\(")
+_SPLASH = re.compile(r"%splash_mha_(fwd|dq|dkv)[\w.]* = ([^\n]*?) custom-call\([^\n]*?operand_layout_constraints=\{((?:[^{}]|\{[^{}]*\})*)\}")
 
 
 def splash_flops(hlo_text: str, qk_dim: int, v_dim: int) -> float:
     """FLOPs of the splash-attention kernel calls in a compiled module (their pallas_calls carry no cost estimate,
-    so XLA's cost analysis counts them as nothing): per call of b x h sequences of t tokens, the causal key
-    blocks each query block visits (nb(nb+1)/2 blocks of B² pairs), times 2(qk + v) for the forward, 2(2qk + v)
-    for dq (scores again, dO·Vᵀ, dS·K) and 2(2qk + 2v) for dk, dv."""
+    so XLA's cost analysis counts them as nothing): per call of b x h sequences, the causal key blocks its query
+    blocks visit, times B² pairs, times 2(qk + v) for the forward, 2(2qk + v) for dq (scores again, dO·Vᵀ, dS·K)
+    and 2(2qk + 2v) for dk, dv. Blocks: nb(nb+1)/2 for t tokens in nb blocks; under context parallelism (keys
+    N times the queries: one shard's early and late pieces of p blocks each, layers/context.py) 2Np² + p."""
     from k2jax.model.layers.splash import block_size
 
     per_pair = {"fwd": qk_dim + v_dim, "dq": 2 * qk_dim + v_dim, "dkv": 2 * qk_dim + 2 * v_dim}
     total = 0.0
-    for kind, types in _SPLASH.findall(hlo_text):
+    for kind, types, operands in _SPLASH.findall(hlo_text):
         shapes = [tuple(int(d) for d in dims.split(",")) for _, dims in _SHAPE.findall(types)]
         rank = max(len(x) for x in shapes)  # outputs [b, h, t, .], or [h, t, .] for one sequence; the rest scratch
-        b, h, t = next((1,) * (4 - rank) + x[:rank - 1] for x in shapes if len(x) == rank)
-        nb = t // block_size(t)
-        total += b * h * nb * (nb + 1) / 2 * block_size(t) ** 2 * 2 * per_pair[kind]
+        b, h, _ = next((1,) * (4 - rank) + x[:rank - 1] for x in shapes if len(x) == rank)
+        lengths = [x[-2] for _, dims in _SHAPE.findall(operands)
+                   for x in [tuple(int(d) for d in dims.split(","))] if len(x) == rank and x[-1] == qk_dim]  # q, k
+        tq, tk = min(lengths), max(lengths)
+        if tk == tq:
+            block = block_size(tq)
+            blocks = (tq // block) * (tq // block + 1) / 2
+        else:
+            block = block_size(tq // 2)
+            p = tq // 2 // block
+            blocks = 2 * (tk // tq) * p * p + p
+        total += b * h * blocks * block ** 2 * 2 * per_pair[kind]
     return total
 
 

@@ -5,8 +5,22 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# one persistent compilation cache for the session's test processes (both xdist workers: the controller makes it
+# before they start, and they inherit the variable): tests that build the same program again (a fresh Trainer of
+# the same config, the same step on another fixture) load it instead of compiling it.
+# Only in-process compiles: the CLI runs the tests start keep their own caches, as users' runs do.
+_MADE = "K2JAX_TEST_XLA_CACHE" not in os.environ
+if _MADE:
+    os.environ["K2JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="k2jax-test-xla-cache-")
+jax.config.update("jax_compilation_cache_dir", os.environ["K2JAX_TEST_XLA_CACHE"])
+
 
 from k2jax.model.config import load_config, load_preset  # noqa: E402
 from k2jax.testing.reference import GROUPED, build_hf_model  # noqa: E402
@@ -61,3 +75,8 @@ LONGEST_FIRST = ["test_lora.py", "test_pod.py", "test_notebooks.py", "test_resum
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
+
+
+def pytest_sessionfinish(session):
+    if _MADE:  # the process that made it (the controller, or a run without xdist) removes it
+        shutil.rmtree(os.environ["K2JAX_TEST_XLA_CACHE"], ignore_errors=True)

@@ -60,7 +60,10 @@ def test_search_candidates_use_every_chip_and_divide_the_model():
 
 
 def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes(monkeypatch):
-    """The reported figures are the compiled module's own memory_analysis / cost_analysis."""
+    """The reported memory is the compiled module's own memory_analysis (the FLOPs count, cost=True, is checked
+    with the kernels in tests/test_tpu_kernels.py)."""
+    import math
+
     os.environ.update(TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     import k2jax
     from k2jax import aot
@@ -75,8 +78,9 @@ def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes(monke
 
     monkeypatch.setattr(aot, "_compile_train", recording)
     config, run = k2jax.load_preset("tiny", moe_impl="ragged")  # blocks on TPU: the next test (slower to build)
-    report = aot.compile_train(config, "v5p-8", "expert=2,tensor=2", batch=8, seq=128, execution=run)
+    report = aot.compile_train(config, "v5p-8", "expert=2,tensor=2", batch=8, seq=128, execution=run, cost=False)
     assert report.fits and report.chips == 4 and report.mesh["expert"] == 2 and report.mesh["tensor"] == 2
+    assert len(built) == 1 and math.isnan(report.flops)  # the memory verdict only: no unrolled FLOPs builds
     full_config, mesh, compiled = built[0]
     assert full_config == config and dict(mesh.shape) == report.mesh and len(mesh.devices.flat) == 4
     mem = compiled.memory_analysis()
@@ -84,14 +88,6 @@ def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes(monke
     assert report.temp_bytes == mem.temp_size_in_bytes > 0
     assert report.total_bytes == (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                                   - mem.alias_size_in_bytes)
-    body_flops, _ = aot._cost(compiled, aot.CHIPS["v5p"])
-    assert report.flops > body_flops * report.chips > 0  # loop bodies scaled by their trip counts
-    assert 0 < report.optimizer_flops < report.flops  # MuonClip's Newton-Schulz, reported on its own line
-    # the unrolled builds held one sequence per batch shard (2 of the 8) and were scaled to the batch: the model's
-    # FLOPs stay within a few times the analytic count (unscaled they would be ~0.3x, scaled twice ~10x)
-    assert 1.0 < (report.flops - report.optimizer_flops) / report.analytic_flops < 4.0
-    assert "of which the optimizer update" in "\n".join(report.lines(aot.CHIPS["v5p"].peak_flops))
-    assert report.seconds > 0
     dec = aot.compile_decode(config, "v5p-8", "expert=2,tensor=2", batch=4, context=256, execution=run)
     assert dec.fits and dec.total_bytes > 0 and dec.flops > 0
 

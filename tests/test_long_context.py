@@ -81,6 +81,64 @@ def test_context_parallel_equals_one_device(layout, hf_tiny, one_device, referen
             assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max() + 1e-8, (chunk, path)
 
 
+@pytest.mark.parametrize("layout", ["context=4,data=2", "context=2,data=2,tensor=2"])
+def test_context_parallel_splash_equals_float64_and_the_blockwise_gradients(layout):
+    """Splash attention (interpreted) with the queries in the balanced layout split over `context` and the keys in
+    sequence order: float64 outputs and the one-device blockwise kernel's gradients to 1e-5 with packed documents
+    and padding, the max logit within log(keys) above the true one. The positive control: the same kernels told
+    the queries sit in sequence order (their mask then wrong for every late piece) miss by far more."""
+    from k2jax.model.layers.blockwise import blockwise_attention
+    from k2jax.model.layers.context import balanced_positions, context_axes
+    from k2jax.model.layers.splash import splash_attention
+    from k2jax.model.sharding import ShardingRules, make_mesh
+    from test_tpu_kernels import _attention_inputs, _numpy_attention
+
+    n = int(layout.split(",")[0].split("=")[1])
+    t, scale, rules = 256 * n, 0.3, ShardingRules()  # pieces of 128 tokens: one kernel block each
+    arrays, seg = _attention_inputs(t=t)
+    seg[1, t - 60:] = 0
+    args = [jnp.asarray(a, jnp.float32) for a in arrays]
+    real = seg != 0
+    w = jnp.asarray(np.random.default_rng(1).normal(size=arrays[-1].shape) * real[..., None, None], jnp.float32)
+
+    def splash(qn, qr, kn, kr, v, positions=balanced_positions(t, n)):
+        out, max_h = splash_attention(to_balanced(qn, n), to_balanced(qr, n), kn, kr, v,
+                                      to_balanced(jnp.asarray(seg), n), scale, rules, interpret=True,
+                                      positions=positions, seg_k=jnp.asarray(seg), context_axes=context_axes(rules))
+        return from_balanced(out, n), max_h
+
+    with jax.set_mesh(make_mesh(layout)):
+        out, max_h = jax.jit(splash)(*args)
+        grads = jax.jit(jax.grad(lambda *a: (splash(*a)[0] * w).sum(), argnums=(0, 1, 2, 3, 4)))(*args)
+        wrong, _ = jax.jit(lambda *a: splash(*a, positions=np.arange(t)))(*args)
+    ref_out, ref_max = _numpy_attention(*arrays, seg, scale)
+    np.testing.assert_allclose(np.asarray(out)[real], ref_out[real], atol=1e-5)
+    assert np.all(ref_max - 1e-5 <= np.asarray(max_h)) and np.all(np.asarray(max_h) <= ref_max + np.log(t))
+    want = jax.jit(jax.grad(lambda *a: (blockwise_attention(*a, jnp.asarray(seg), 128, scale)[0] * w).sum(),
+                            argnums=(0, 1, 2, 3, 4)))(*args)
+    for g, g0 in zip(grads, want):
+        assert float(jnp.abs(g - g0).max() / jnp.abs(g0).max()) <= 1e-5
+    assert np.abs(np.asarray(wrong)[real] - ref_out[real]).max() > 0.1
+
+
+def test_context_parallel_model_with_the_kernels_gives_one_devices_logits(hf_tiny, one_device):
+    """The tiny checkpoint on `context=2,data=2,tensor=2` with kernels="interpret" (splash per context shard, the
+    grouped matmul) gives one device's XLA logits on 512 tokens of packed documents and padding."""
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, one_device.config.vocab_size, (2, 512)).astype(np.int32)
+    seg = np.ones_like(tokens)
+    seg[:, 300:] = 2
+    seg[1, 480:] = 0
+    positions = np.where(seg == 1, np.arange(512), np.arange(512) - 300).astype(np.int32) * (seg != 0)
+    want = np.asarray(one_device.logits(tokens, positions, seg))
+    model = k2jax.load_hf(hf_tiny[0], mesh="context=2,data=2,tensor=2", kernels="interpret")
+    got = np.asarray(model.logits(tokens, positions, seg))
+    np.testing.assert_allclose(got[seg != 0], want[seg != 0], atol=1e-4, rtol=1e-4)
+    with jax.set_mesh(model.mesh):
+        text = model._forward.lower(model.state, *(jnp.asarray(a) for a in (tokens, positions, seg))).as_text()
+    assert "splash" in text
+
+
 def _gathered_widths(hlo: str) -> list[int]:
     """The minor dimension of every all-gather's result in an HLO module's text."""
     return [int(m.group(1)) for m in re.finditer(r"= \w+\[[\d,]*?(\d+)\]\{[^}]*\} all-gather", hlo)]

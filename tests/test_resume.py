@@ -121,8 +121,9 @@ def _train_json(workdir, step):
 def test_two_cli_processes_train_as_one_eight_device_process(run_args, tmp_path):
     """`k2jax-train --coordinator_address=... --num_processes=2 --process_id=i`, 2 processes x 4 devices: the losses
     of one 8-device process; each process reads its own rows of the batch (rows 0-3 and 4-7, at the positions the
-    one process reached for those rows: disjoint documents that together cover the corpus); one checkpoint written
-    once; a resume by the two processes, and by one 8-device process, continuing with the same losses."""
+    one process reached for those rows); one checkpoint written
+    once; a resume by one 8-device process continuing with the same losses (a resume by the two processes:
+    tests/test_pod.py's simulated pod)."""
     import shutil
 
     import portpicker
@@ -151,26 +152,24 @@ def test_two_cli_processes_train_as_one_eight_device_process(run_args, tmp_path)
     out = run(tmp_path / "two", 3, 2)
     assert "2 process(es)" in out, out
     shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")
-    out = run(tmp_path / "two", 6, 2)
-    assert f"resumed from {tmp_path / 'two' / '3'} at step 3" in out, out
     out = run(tmp_path / "two_then_one", 6, 1)
+    assert f"resumed from {tmp_path / 'two_then_one' / '3'} at step 3" in out, out
     assert "rows 0..7 resume from the positions of 2 saved process(es)" in out, out
 
     one, two, mixed = (_losses(tmp_path / w) for w in ("one", "two", "two_then_one"))
-    assert sorted(one) == sorted(two) == sorted(mixed) == list(range(1, 7))
-    assert two == pytest.approx(one, abs=2e-5) and mixed == pytest.approx(one, abs=2e-5)
+    assert sorted(one) == sorted(mixed) == list(range(1, 7)) and sorted(two) == [1, 2, 3]
+    assert two == pytest.approx({s: one[s] for s in two}, abs=2e-5) and mixed == pytest.approx(one, abs=2e-5)
     assert max(one.values()) - min(one.values()) > 1e-2  # positive control: the steps' losses differ by far more
-    # one checkpoint per saved step, written once: one metrics line per step
-    for w in ("two", "two_then_one"):
-        assert sorted(d for d in os.listdir(tmp_path / w) if d.isdigit()) == ["3", "6"]
-    assert len(open(tmp_path / "two" / "metrics.jsonl").read().splitlines()) == 6
+    # one checkpoint per saved step, written once (by process 0): one metrics line per step
+    assert sorted(d for d in os.listdir(tmp_path / "two") if d.isdigit()) == ["3"]
+    assert sorted(d for d in os.listdir(tmp_path / "two_then_one") if d.isdigit()) == ["3", "6"]
+    assert len(open(tmp_path / "two" / "metrics.jsonl").read().splitlines()) == 3
     # the data: each process its own rows, at the positions the one process reached for them
-    saved_two = _train_json(tmp_path / "two", 6)["data_by_process"]
-    (saved_one,) = _train_json(tmp_path / "one", 6)["data_by_process"]
+    saved_two = _train_json(tmp_path / "two", 3)["data_by_process"]
+    (saved_one,) = _train_json(tmp_path / "one", 3)["data_by_process"]
     assert [e["rows"] for e in saved_two] == [[0, 4], [4, 8]] and saved_one["rows"] == [0, 8]
     by_row = {r: st for e in saved_two for r, st in e["state"]["rows"].items()}
     assert by_row == saved_one["state"]["rows"]
-    docs = sum(st["parent_state"]["next_index"] for st in by_row.values())  # documents the rows have begun
-    assert docs >= len(corpus), docs  # the rows together have read through the corpus
+    assert len({st["parent_state"]["next_index"] for st in by_row.values()}) > 1  # the rows are at different places
 
 

@@ -199,10 +199,11 @@ def test_moe_layer_compiled_for_tpu_counts_the_kernels_flops():
     assert 0.95 <= ratio <= 1.25, ratio
 
 
-@pytest.mark.parametrize("topology, layout", [("v5p-8", "expert=4"), ("v6e-8", "data=2,expert=4")])
+@pytest.mark.parametrize("topology, layout", [("v5p-8", "expert=4"), ("v6e-8", "context=2,expert=4")])
 def test_tiny_train_step_compiles_for_tpu_with_the_kernels_and_all_to_all(monkeypatch, topology, layout):
-    """k2jax-compile's train step (tiny preset, all-to-all dispatch) for v5p-8 and v6e-8: the Pallas grouped matmuls
-    (forward and both gradients of the MoE layers' scanned body) and splash attention are in the compiled module,
+    """k2jax-compile's train step (tiny preset, all-to-all dispatch) for v5p-8 and v6e-8 (the sequence split over
+    `context` there): the Pallas grouped matmuls (forward and both gradients of the MoE layers' scanned body) and
+    splash attention are in the compiled module,
     the tokens travel by all-to-all, and the report counts the kernels (FLOPs within a few times the analytic
     count) and the bytes each collective moves."""
     os.environ.update(TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
@@ -213,7 +214,8 @@ def test_tiny_train_step_compiles_for_tpu_with_the_kernels_and_all_to_all(monkey
     compile_train = aot._compile_train
     monkeypatch.setattr(aot, "_compile_train", lambda *a, **k: built.append(compile_train(*a, **k)) or built[-1])
     config, run = k2jax.load_preset("tiny", moe_dispatch="a2a", moe_capacity_factor=2.0)
-    report = aot.compile_train(config, topology, layout, batch=8, seq=256, execution=run,
+    seq = 512 if "context" in layout else 256  # two pieces of 128 tokens per context shard: whole kernel blocks
+    report = aot.compile_train(config, topology, layout, batch=8, seq=seq, execution=run,
                                cost=topology.startswith("v5p"))
     hlo = built[0][0].as_text()
     names = _tpu_kernels(hlo)
@@ -226,7 +228,13 @@ def test_tiny_train_step_compiles_for_tpu_with_the_kernels_and_all_to_all(monkey
     assert re.search(r" all-to-all(-start)?\(", hlo)
     assert report.fits
     if topology.startswith("v5p"):
+        # the unrolled builds held one sequence per batch shard and were scaled to the batch, loop bodies by their
+        # trip counts: the model's FLOPs within a few times the analytic count (unscaled ~0.3x, scaled twice ~10x)
+        assert report.flops > aot._cost(built[0][0], aot.CHIPS["v5p"])[0] * report.chips
+        assert 0 < report.optimizer_flops < report.flops  # MuonClip's Newton-Schulz, reported on its own line
         assert 1.0 < (report.flops - report.optimizer_flops) / report.analytic_flops < 4.0
+        assert report.seconds > 0
+        assert "of which the optimizer update" in "\n".join(report.lines(aot.CHIPS["v5p"].peak_flops))
         assert report.collectives["all-to-all"] > 0 and report.communication_seconds > 0
         assert "bytes each chip sends per step" in "\n".join(report.lines(aot.CHIPS["v5p"].peak_flops))
 
@@ -313,7 +321,7 @@ def test_tiny_model_with_the_kernels_gives_the_xla_logits(hf_tiny):
 def test_splash_kernels_flops_are_counted_by_the_report():
     """Splash attention compiled for v5p carries no cost estimate (XLA counts ~0 for it); the report's count of its
     calls equals XLA's count of the one-score-matrix forward times the causal blocks' share (10 of 16 at 2048
-    tokens in blocks of 512), and the backward's calls add dq and dk/dv."""
+    tokens in blocks of 512; 36 of 64 split over 4 context shards), and the backward's calls add dq and dk/dv."""
     os.environ.update(TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     from jax.sharding import SingleDeviceSharding
 
@@ -346,6 +354,18 @@ def test_splash_kernels_flops_are_counted_by_the_report():
     per_pair = (n + r + vd) + (2 * (n + r) + vd) + (2 * (n + r) + 2 * vd)
     np.testing.assert_allclose(splash_flops(grad.lower(*args).compile().as_text(), n + r, vd),
                                counted * per_pair / (n + r + vd), rtol=1e-6)
+    # the sequence split over 4 context shards (the balanced layout, layers/context.py): pieces of 256 tokens in
+    # blocks of 256, each shard 2·4 + 1 of the 64 blocks of the score matrix, 36 of 64 for the four
+    from k2jax.model.layers.context import balanced_positions
+
+    devices = aot.topology_devices("v5p-8")[1]
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(1, 1, 4, 1, 1), ("data", "fsdp", "context", "expert", "tensor"))
+    with jax.set_mesh(mesh):
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        split = jax.jit(lambda *a: splash_attention(*a, seg, 0.1, ShardingRules(), positions=balanced_positions(t, 4),
+                                                    seg_k=seg, context_axes=("context",))[0])
+        hlo = split.lower(*(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated) for a in args)).compile()
+    np.testing.assert_allclose(4 * splash_flops(hlo.as_text(), n + r, vd), xla_fwd * 36 / 64, rtol=0.03)
 
 
 def _row_moves(fn, *args) -> dict:

@@ -203,13 +203,13 @@ def test_step_applies_qk_clip_and_moves_router_bias_toward_balance(tiny_config):
 
 @pytest.fixture(scope="module")
 def corpus_batches(small_tokenizer, tmp_path_factory):
-    """The first 100 batches [8, 64] of the packed embedded-corpus sample (pydoc topics + stdlib docstrings)."""
+    """The first 60 batches [8, 64] of the packed embedded-corpus sample (pydoc topics + stdlib docstrings)."""
     from k2jax.data.corpus import default_corpus
 
     path = default_corpus(str(tmp_path_factory.mktemp("corpus")), min_bytes=2_000_000)
     ds = make_dataset(open_source(path), small_tokenizer.path, seq_len=64, batch_size=8, seed=0)
     it = iter(ds)
-    return [next(it) for _ in range(100)]
+    return [next(it) for _ in range(60)]
 
 
 @pytest.fixture(scope="module")

@@ -107,7 +107,7 @@ class MLAttention(nnx.Module):
             seg = jnp.ones(x_btd.shape[:2], jnp.int32) if segment_ids_bt is None else segment_ids_bt
             out_bthv, max_logit_h = context_attention(q_nope, q_rope, latent_btc, k_rope_btr, seg,
                                                       lambda lat: self._expand_kv(lat, key), self.rules, chunk,
-                                                      self.config.softmax_scale)
+                                                      self.config.softmax_scale, self.pallas)
             out_bthv = checkpoint_name(out_bthv.astype(self.dtype), "attn_out")
             return self._proj("o", "bthv,hvd->btd", out_bthv, key), jax.lax.stop_gradient(max_logit_h), None
         if self.pallas is not None and splash_fits(t):

@@ -8,8 +8,9 @@ token and does not see it.
 
 Attention all-gathers only what MLA's keys and values are made from: the normalised latent and the shared rope
 key, kv_lora_rank + qk_rope_head_dim values per token (576 for K2, against 64 heads x (192 + 128) expanded).
-Every shard expands keys and values from the gathered latent and runs the blockwise kernel for its two pieces,
-each against the key blocks up to its own end.
+Every shard expands keys and values from the gathered latent and runs the attention kernel for its two pieces,
+each against the key blocks up to its own end: splash (layers/splash.py) where the Pallas kernels run and a
+piece is whole kernel blocks, else the XLA blockwise kernel.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from k2jax.errors import ConfigError
 from k2jax.model.layers.blockwise import blockwise_attention_at
+from k2jax.model.layers.splash import splash_attention, splash_fits
 from k2jax.model.sharding import ShardingRules, constrain
 
 
@@ -59,6 +62,12 @@ def to_balanced(x: jax.Array, n: int, axis: int = 1) -> jax.Array:
     return jnp.moveaxis(jnp.stack([early, late], axis=1).reshape(x.shape), 0, axis)
 
 
+def balanced_positions(t: int, n: int) -> np.ndarray:
+    """The sequence position of each place of the balanced layout of n shards (to_balanced of arange(t))."""
+    pieces = np.arange(t).reshape(2, n, t // (2 * n))
+    return np.stack([pieces[0], pieces[1][::-1]], axis=1).reshape(t)
+
+
 def from_balanced(x: jax.Array, n: int, axis: int = 1) -> jax.Array:
     """x in sequence order again, from the balanced layout of n shards along `axis`."""
     x = jnp.moveaxis(x, axis, 0)
@@ -69,7 +78,7 @@ def from_balanced(x: jax.Array, n: int, axis: int = 1) -> jax.Array:
 
 
 def context_attention(q_nope, q_rope, latent_btc, k_rope_btr, seg_bt, expand, rules: ShardingRules, chunk: int,
-                      scale: float):
+                      scale: float, pallas: str | None = None):
     """(out [b, t, h, v], max pre-softmax logit per head [h]) of causal attention within segments, with queries,
     latent, rope key and segment ids in the balanced layout, their sequence split over the context axes.
 
@@ -87,6 +96,10 @@ def context_attention(q_nope, q_rope, latent_btc, k_rope_btr, seg_bt, expand, ru
     k_rope = from_balanced(constrain(k_rope_btr, rules, whole), n)
     seg_k = from_balanced(constrain(seg_bt, rules, ("batch", None)), n)
     k_nope, v = expand(latent)
+    if pallas is not None and splash_fits(piece):
+        return splash_attention(q_nope, q_rope, k_nope, k_rope, v, seg_bt, scale, rules,
+                                interpret=pallas == "interpret", positions=balanced_positions(t, n), seg_k=seg_k,
+                                context_axes=axes)
     split, rep = P(None, axes), P()
 
     def local(qn, qr, kn, kr, vv, seg_q, seg_k):
