@@ -4,6 +4,7 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -293,3 +294,27 @@ def test_chunked_prefill_equals_one_full_forward(model, prompts):
         alone = np.asarray(model.logits(np.asarray([p[-tail:]]), positions=np.arange(len(p) - tail, len(p))[None]))
         assert np.abs(alone[0, -1] - want).max() > 1e-2
     assert model.generate(long, max_new_tokens=8, prefill_chunk=5) == model.generate(long, max_new_tokens=8)
+
+
+def test_whole_prompt_prefill_attends_in_causal_blocks(model):
+    """A whole prompt whose padded length is whole key blocks (384 tokens: 3 of 128) is prefilled by the blockwise
+    kernel over its own keys (causal blocks only): each prompt's next-token logits equal one full forward's to
+    1e-4 and the greedy continuation is the chunk-by-chunk one's. The compiled prefill holds no [t, t] score
+    matrix, which the positive control, a 383-token prompt (one matrix), does."""
+    rng = np.random.default_rng(5)
+    long = [rng.integers(0, 3800, 384).tolist(), rng.integers(0, 3800, 300).tolist()]
+    sampler = model.sampler(prefill_chunk=0)
+    logits, _, _ = sampler.prefill(long, sampler.check_request(long, 4))
+    for i, p in enumerate(long):
+        want = np.asarray(model.logits(np.asarray([p])))[0, -1]
+        np.testing.assert_allclose(np.asarray(logits[i]), want, rtol=0, atol=1e-4)
+    assert model.generate(long, max_new_tokens=4, prefill_chunk=0) == model.generate(long, max_new_tokens=4,
+                                                                                      prefill_chunk=100)
+
+    def scores_of(t):
+        args = (model.state, jax.ShapeDtypeStruct((1, t), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+        with jax.set_mesh(model.mesh):
+            hlo = sampler._jit_prefill.lower(*args, 512).compile().as_text()
+        return re.findall(rf"f32\[1,{model.config.num_attention_heads},{t},{t}\]", hlo)
+
+    assert not scores_of(384) and scores_of(383)

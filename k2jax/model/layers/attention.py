@@ -101,6 +101,13 @@ class MLAttention(nnx.Module):
                 return self.attend_absorbed(q_nope, q_rope, latent_bsc, k_rope_bsr, mask), None, cache
             if cache_len is None:  # a chunk of a longer prompt: against the cache written so far, block by block
                 return self.attend_latent_blocks(q_nope, q_rope, latent_bsc, k_rope_bsr, positions_bt), None, cache
+            block = next((k for k in (256, 128, 512) if s == x_btd.shape[1] and s % k == 0 and s > k), 0)
+            if block:  # a whole prompt from position 0: causal blocks only, never [t, t] scores
+                k_nope, v_bshv = self._expand_kv(latent_bsc)
+                seg = jnp.ones(x_btd.shape[:2], jnp.int32)
+                out_bthv, _ = blockwise_attention(q_nope, q_rope, k_nope, k_rope_bsr.astype(self.dtype), v_bshv, seg,
+                                                  block, self.config.softmax_scale)
+                return self._proj("o", "bthv,hvd->btd", out_bthv.astype(self.dtype)), None, cache
             return self.attend_expanded(q_nope, q_rope, latent_bsc, k_rope_bsr, mask)[0], None, cache
         t, chunk = x_btd.shape[1], self.chunk
         if context_size(self.rules) > 1:  # the sequence split over chips, in the balanced layout (Transformer)
