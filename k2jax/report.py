@@ -135,8 +135,10 @@ class Report:
                f"{self.compile_s:.1f}s",
                f"  per-chip HBM: arguments {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)}, "
                f"outputs {gib(self.output_bytes)}, aliased -{gib(self.alias_bytes)}",
-               f"  total {gib(self.total_bytes)} of {gib(self.hbm_bytes)} -> {verdict}",
-               f"  compiled FLOPs/step {self.flops:.4e}; analytic {self.analytic_flops:.4e}; ratio "
+               f"  total {gib(self.total_bytes)} of {gib(self.hbm_bytes)} -> {verdict}"]
+        if math.isnan(self.flops):  # the memory verdict only (cost=False, or it did not fit)
+            return out
+        out += [f"  compiled FLOPs/step {self.flops:.4e}; analytic {self.analytic_flops:.4e}; ratio "
                f"{self.flops / max(self.analytic_flops, 1):.3f}",
                *([f"    of which the optimizer update {self.optimizer_flops:.4e} "
                   f"({self.optimizer_flops / max(self.flops, 1):.1%}); ratio without it "

@@ -175,8 +175,8 @@ def test_sequence_that_does_not_split_is_refused_by_name(hf_tiny):
 def test_chunked_prefill_temporaries_stay_flat_in_the_prompt_length():
     """A prefill chunk of 512 tokens against caches of 2K..16K tokens (tiny preset, compiled on CPU): its
     temporaries do not grow with the cache (each doubling at most 2.2x, here 1.0x: key blocks of the latent cache
-    in a loop); the cache itself is the donated argument. The positive control: the whole prompt at once grows
-    3x or more per doubling (its score matrix)."""
+    in a loop); the cache itself is the donated argument. The positive control: the whole prompt at once as one
+    score matrix grows 3x or more per doubling."""
     config, run = k2jax.load_preset("tiny", num_hidden_layers=2, max_position_embeddings=16384)
     model = k2jax.random_model(config, mesh=k2jax.make_mesh("", devices=jax.devices()[:1]), execution=run)
     sampler = model.sampler(prefill_chunk=512)
@@ -195,7 +195,10 @@ def test_chunked_prefill_temporaries_stay_flat_in_the_prompt_length():
     got = {n: chunk_temps(n) for n in (2048, 4096, 8192, 16384)}
     ratios = [got[2 * n] / got[n] for n in (2048, 4096, 8192)]
     assert max(ratios) <= 2.2 and got[16384] <= 1.1 * got[2048], (got, ratios)
-    assert whole_temps(4096) > 3 * whole_temps(2048)
+    # a whole prompt of whole key blocks attends in causal blocks (at most 2.2x per doubling); the positive
+    # control, a length that is not whole blocks, takes one score matrix and grows 3x or more
+    assert whole_temps(4096) <= 2.2 * whole_temps(2048)
+    assert whole_temps(4088) > 3 * whole_temps(2040)
 
 
 def test_decode_cache_is_split_over_tensor_and_written_in_place_on_tpu(monkeypatch):

@@ -19,3 +19,15 @@ def test_collective_bytes_are_read_per_kind_and_group():
     assert moved["all-reduce"] == 2 * (64 + 32) * 4 * 1 / 2
     assert moved["all-to-all"] == 8 * 16 * 4 * 7 / 8
     assert group_size("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}") == 2
+
+
+def test_a_memory_only_report_prints_no_cost_lines():
+    """cost=False (FLOPs and time not measured): the report ends at the memory verdict, with no 'nan' figures;
+    with FLOPs measured it goes on to MFU."""
+    from k2jax.report import Report
+
+    args = ("v5p-8", {"fsdp": 4}, "train", 4, 95 * 2**30, 2**30, 2**30, 2**30, 2**30)
+    bare = Report(*args, float("nan"), 1e15, float("nan"), 4096, 1.0, 0).lines(459e12)
+    assert len(bare) == 3 and bare[-1].endswith("FITS") and "nan" not in "\n".join(bare)
+    full = Report(*args, 2e15, 1e15, 2.0, 4096, 1.0, 0).lines(459e12)
+    assert any("MFU" in line for line in full) and "nan" not in "\n".join(full)
