@@ -226,3 +226,13 @@ def test_balance_loss_follows_deepseek_v3s_definition(tiny_config):
         for t in np.nonzero(mask[b])[0]:
             load[ids[b, t]] += 1
     np.testing.assert_array_equal(np.asarray(stats["expert_load"]), load)
+
+
+def test_dropless_a2a_slots_hold_every_assignment():
+    """The all-to-all dispatch's per-destination slots (layers/dispatch.py; the dispatch itself:
+    tests/test_tpu_kernels.py)."""
+    from k2jax.model.layers.dispatch import slot_capacity
+
+    assert slot_capacity(256, 4, 0.0) == 256  # dropless: one shard may receive every assignment
+    assert slot_capacity(256, 4, 1.0) == 64 and slot_capacity(250, 4, 1.25) == 80  # multiples of 8 rows
+    assert slot_capacity(16, 4, 8.0) == 16  # never more than every assignment

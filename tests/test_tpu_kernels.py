@@ -161,12 +161,6 @@ def test_capacity_drops_are_counted_exactly(tiny_config, inputs, dispatch):
     assert np.abs(numpy_moe(x64, p, c) - ref).max() > 1e-2
 
 
-def test_dropless_a2a_slots_hold_every_assignment():
-    assert slot_capacity(256, 4, 0.0) == 256  # dropless: one shard may receive every assignment
-    assert slot_capacity(256, 4, 1.0) == 64 and slot_capacity(250, 4, 1.25) == 80  # multiples of 8 rows
-    assert slot_capacity(16, 4, 8.0) == 16  # never more than every assignment
-
-
 def _tpu_kernels(hlo: str) -> list[str]:
     """Names of the Pallas (Mosaic) kernel calls in a compiled TPU module's text."""
     return re.findall(r"%([\w.]+) = [^\n]*custom_call_target=\"tpu_custom_call\"", hlo)

@@ -87,7 +87,6 @@ def splash_attention(qn, qr, kn, kr, v, seg, scale: float, rules, *, interpret: 
     Context parallelism: the queries (and seg) in the order of `positions` (the balanced layout), split over
     `context_axes`; keys, values and `seg_k` [b, t] whole on every shard, in sequence order."""
     b, tq, h, _ = qn.shape
-    t = kn.shape[1]
     positions = np.arange(tq) if positions is None else positions
     seg_k = seg if seg_k is None else seg_k
     q = (jnp.concatenate([qn, qr], -1) * scale).astype(qn.dtype)
