@@ -15,7 +15,8 @@ from k2jax.errors import ConfigError, ShardingError, TopologyError
 from k2jax.hardware import CHIPS, GiB, Chip
 from k2jax.model.config import Execution, K2Config
 from k2jax.model.sharding import make_mesh
-from k2jax.report import KINDS, Report, collective_bytes, collective_moves, splash_flops
+from k2jax.report import (KINDS, Report, collective_bytes, collective_moves, gmm_tile_allowance, kernel_flops,
+                          splash_flops)
 
 class DoesNotFit(RuntimeError):
     """The TPU compiler refused the step for lack of HBM; carries the bytes it needed and had, and whether
@@ -238,11 +239,11 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
         flops, secs = _cost(c, chip)
         kernel = splash_flops(text, small.qk_head_dim, small.v_head_dim)  # counted by the report, at the peak rate
         return ((flops + kernel, secs + kernel / chip.peak_flops) + _cost(update, chip) + tuple(moves[0][k] for k in KINDS)
-                + tuple(moves[1][k] for k in KINDS))
+                + tuple(moves[1][k] for k in KINDS) + (kernel_flops(text, "gmm"), gmm_tile_allowance(text), kernel))
 
     built = by_depth(config, execution, costs)
     per_step = [extrapolate({n: v[i] for n, v in built.items()}, config.num_hidden_layers)
-                for i in range(4 + 2 * len(KINDS))]
+                for i in range(7 + 2 * len(KINDS))]
     f, s, opt, opt_s = per_step[:4]
     # each unrolled build holds one update; the step runs the model on `microbatches` x `micro` sequences and
     # the update once (the weights' gathers scale with the microbatches, not with the sequences: an upper bound)
@@ -250,12 +251,37 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
     flops = scale * (f - opt) + opt
     seconds = scale * (s - opt_s) + opt_s
     n = len(KINDS)
-    moved = {k: scale * (step - upd) + upd for k, step, upd in zip(KINDS, per_step[4:4 + n], per_step[4 + n:])}
+    moved = {k: scale * (step - upd) + upd for k, step, upd in zip(KINDS, per_step[4:4 + n], per_step[4 + n:4 + 2 * n])}
+    grouped, allowance, splash = (len(devices) * scale * x for x in per_step[-3:])
+    parts = {} if lora is not None else _flops_parts(config, batch * seq, seq, len(devices) * scale * (f - opt),
+                                                     grouped, splash)
+    # what the grouped-matmul kernels visit: the routed rows (at most the analytic count) plus partial tiles
+    visits = min(grouped, next(iter(parts.values()))[1] + allowance) if grouped and parts else 0.0
     return Report(topology, dict(mesh.shape), "finetune" if lora is not None else "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
                   mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, flops * len(devices),
                   analytic(config, batch * seq, seq), seconds, batch * seq, secs,
-                  collective_bytes(compiled.as_text()), opt * len(devices), moved, dict(zip(KINDS, per_step[4 + n:])),
-                  chip.ici_bandwidth)
+                  collective_bytes(compiled.as_text()), opt * len(devices), moved,
+                  dict(zip(KINDS, per_step[4 + n:4 + 2 * n])), chip.ici_bandwidth, parts, visits)
+
+
+def _flops_parts(config: K2Config, tokens: int, seq: int, model: float, grouped: float, splash: float) -> dict:
+    """{part: (compiled, analytic)} of a train step's model FLOPs (the update's left out): the grouped-matmul
+    kernels' cost estimates against the routed experts' count, splash's counted blocks against attention's, the
+    rest (XLA's own count) against the rest. A part whose kernels are absent goes into the rest."""
+    from k2jax.train.step import analytic_train_flops_parts
+
+    want = analytic_train_flops_parts(config, tokens, seq)
+    parts = {}
+    if grouped:
+        parts["routed experts (gmm kernels: row buffers)"] = (grouped, want["routed experts"])
+    if splash:
+        parts["attention (splash kernels: causal blocks)"] = (splash, want["attention"])
+    if not parts:
+        return {}
+    rest = sum(want.values()) - sum(w for _, w in parts.values())
+    parts["the rest (XLA's count)"] = (
+        model - grouped - splash, rest)
+    return parts
 
 
 def compile_decode(config: K2Config, topology: str, mesh_spec: str, *, batch: int, context: int,

@@ -82,6 +82,36 @@ def splash_flops(hlo_text: str, qk_dim: int, v_dim: int) -> float:
     return total
 
 
+_KERNEL = re.compile(r'%([\w.]+) = [^\n]*?custom_call_target="tpu_custom_call"[^\n]*?cost_estimate\\?":\{\\?"flops'
+                     r'\\?":\\?"(\d+)')
+
+
+def kernel_flops(hlo_text: str, name: str) -> float:
+    """Sum of the cost estimates (FLOPs) that the Pallas kernel calls whose name contains `name` carry in a compiled
+    TPU module's text (what XLA's cost analysis adds for them; megablox's gmm/tgmm count 2·m·k·n over their whole
+    row buffer)."""
+    return float(sum(int(flops) for op, flops in _KERNEL.findall(hlo_text) if name in op))
+
+
+_GMM = re.compile(r'%[\w.]*gmm[\w.]* = [^\n]*?custom_call_target="tpu_custom_call"[^\n]*?operand_layout_constraints='
+                  r'\{((?:[^{}]|\{[^{}]*\})*)\}[^\n]*?cost_estimate\\?":\{\\?"flops\\?":\\?"(\d+)')
+
+
+def gmm_tile_allowance(hlo_text: str) -> float:
+    """FLOPs the grouped-matmul calls compute beyond the rows they hold, at most: megablox visits only the row tiles
+    of its groups, one tile more for each group that starts inside a tile, so per call (its local groups) x (row
+    tile) rows at its cost estimate's 2·k·n per row. From each call's operands: group offsets [G + 1] (gmm_swiglu's
+    last group, the rows no local expert takes, is never visited), the tile schedule [tiles + G - 1], rows m."""
+    total = 0.0
+    for operands, flops in _GMM.findall(hlo_text):
+        shapes = [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _SHAPE.findall(operands)]
+        schedule = [dims[0] for dt, dims in shapes if dt == "s32" and len(dims) == 1 and dims[0] > 1]
+        groups, m = schedule[0] - 1, next(dims[0] for _, dims in shapes if len(dims) == 2)
+        tile = m // (schedule[1] - groups + 1)
+        total += (groups - 1) * tile * int(flops) / m
+    return total
+
+
 def collective_bytes(hlo_text: str) -> int:
     """Sum of the result sizes of the collective ops in an HLO module's text."""
     return int(sum(sum(_sizes(types)[len(_sizes(types)) // 2 if start and kind != "all-reduce" else 0:])
@@ -111,6 +141,9 @@ class Report:
     collectives: dict = dataclasses.field(default_factory=dict)  # bytes each chip moves per step, by kind
     optimizer_collectives: dict = dataclasses.field(default_factory=dict)  # of which the optimizer update's
     ici_bandwidth: float = 0.0  # bytes/s per chip, all links
+    # of `flops` less the update, by part: {name: (compiled, analytic)}; empty when the parts cannot be told apart
+    parts: dict = dataclasses.field(default_factory=dict)
+    grouped_visits: float = 0.0  # the grouped-matmul kernels' FLOPs as they visit rows (at most), all chips
 
     @property
     def total_bytes(self) -> int:
@@ -128,6 +161,19 @@ class Report:
         """The step's collectives at the chip's full ICI bandwidth: a lower bound of their time."""
         return sum(self.collectives.values()) / self.ici_bandwidth if self.ici_bandwidth else float("nan")
 
+    def _part_lines(self) -> list[str]:
+        if not self.parts:
+            return []
+        width = max(len(k) for k in self.parts)
+        return ["    where they go (without the update), compiled / analytic:"] + [
+            f"      {name:<{width}} {got:.4e} / {want:.4e} = {got / max(want, 1):.3f}"
+            for name, (got, want) in self.parts.items()] + ([
+            f"      (the gmm kernels visit only the row tiles holding rows: at most "
+            f"{self.grouped_visits:.4e} = {self.grouped_visits / max(want, 1):.3f} of the routed experts' count; "
+            f"ratio without the update counted so "
+            f"{(self.flops - self.optimizer_flops - got + self.grouped_visits) / max(self.analytic_flops, 1):.3f})"
+            for got, want in list(self.parts.values())[:1]] if self.grouped_visits else [])
+
     def lines(self, peak: float) -> list[str]:
         gib = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
         verdict = "FITS" if self.fits else f"DOES NOT FIT: short by {(self.total_bytes - self.hbm_bytes) / GiB:.2f} GiB"
@@ -144,6 +190,7 @@ class Report:
                   f"({self.optimizer_flops / max(self.flops, 1):.1%}); ratio without it "
                   f"{(self.flops - self.optimizer_flops) / max(self.analytic_flops, 1):.3f}"]
                  if self.optimizer_flops else []),
+               *self._part_lines(),
                f"  XLA-estimated step time {self.seconds:.3f}s -> MFU {self.mfu(peak):.1%}, "
                f"{self.tokens / max(self.seconds, 1e-12):,.1f} tokens/s for the slice "
                f"({self.tokens / max(self.seconds, 1e-12) / self.chips:,.2f} per chip)",

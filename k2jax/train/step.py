@@ -330,6 +330,17 @@ def analytic_train_flops(config: K2Config, tokens: int, seq: int, lora: LoraConf
     return 4.0 * active_matmul * tokens + 6.0 * active_adapter_params(config, lora) * tokens + attn
 
 
+def analytic_train_flops_parts(config: K2Config, tokens: int, seq: int) -> dict[str, float]:
+    """`analytic_train_flops` (full training) by part: the routed experts' matmuls (6·tokens·top-k·3·d·f per MoE
+    layer), attention's scores and weighted values, and the rest (projections, shared and dense MLPs, router,
+    loss head)."""
+    c = config
+    total = analytic_train_flops(config, tokens, seq)
+    routed = 6.0 * c.num_moe_layers * c.num_experts_per_tok * 3 * c.hidden_size * c.moe_intermediate_size * tokens
+    attn = 6 * c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq * tokens / 2
+    return {"routed experts": routed, "attention": attn, "the rest": total - routed - attn}
+
+
 def active_adapter_params(config: K2Config, lora: LoraConfig) -> int:
     """Adapter parameters one token goes through (the routed experts': its top-k experts' only)."""
     from k2jax.model.init import abstract_model

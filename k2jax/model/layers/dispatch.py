@@ -24,9 +24,10 @@ def a2a_experts(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, ffn, *, sha
     """(sum_k w[t,k]·SwiGLU_{idx[t,k]}(x[t]) [t, d], assignments dropped) with the experts split over `axis`.
 
     The assignments are sorted by destination shard into slots of `slot_capacity` rows ([shards, cap, d]); an
-    all-to-all delivers each slot to its shard, which runs `ffn(rows [shards·cap, d], local ids [shards·cap, 1],
-    weights [shards·cap, 1])` over its local experts (empty rows carry id -1 and cost nothing there), and a second
-    all-to-all brings the rows back, where the routing weights are applied. Assignments past a slot's capacity
+    all-to-all delivers each slot with its routing weights to its shard, which runs `ffn(rows [shards·cap, d],
+    local ids [shards·cap, 1], weights [shards·cap, 1])` over its local experts (empty rows carry id -1 and cost
+    nothing there; the weights are applied there, so the weights' gradient needs no unweighted output), and a
+    second all-to-all brings the weighted rows back to be summed per token. Assignments past a slot's capacity
     are dropped (they add nothing) and counted. `tensor`: the experts' hidden dim is split over "tensor", so the
     partial rows are summed there before their way back.
     """
@@ -47,12 +48,12 @@ def a2a_experts(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, ffn, *, sha
     # rows moved by gathers both ways (layers/permute.py), not scatters
     send_x = take_rows(x_td, jnp.where(src >= 0, src // k, -1), slot.reshape(t, k))
     send_e = jnp.where(src >= 0, flat[jnp.maximum(src, 0)] % n_local, -1)
+    send_w = jnp.where(src >= 0, w_tk.reshape(-1).astype(jnp.float32)[jnp.maximum(src, 0)], 0.0)
     trip = lambda z: jax.lax.all_to_all(z.reshape((shards, cap) + z.shape[1:]), axis, 0, 0).reshape(z.shape)  # noqa: E731
-    recv_x, recv_e = trip(send_x), trip(send_e)
-    y_rows = ffn(recv_x, recv_e[:, None], jnp.ones((shards * cap, 1), jnp.float32))
+    recv_x, recv_e, recv_w = trip(send_x), trip(send_e), trip(send_w)
+    y_rows = ffn(recv_x, recv_e[:, None], recv_w[:, None])
     if tensor:
         y_rows = jax.lax.psum(y_rows, "tensor")
     back = trip(y_rows)
-    y_ad = take_rows(back, slot, src[:, None])
-    y_td = (y_ad * w_tk.reshape(-1, 1).astype(y_ad.dtype)).reshape(t, k, d).sum(1)
+    y_td = take_rows(back, slot, src[:, None]).reshape(t, k, d).sum(1)  # weighted rows: summed per token
     return y_td, jnp.sum(~keep).astype(jnp.float32)

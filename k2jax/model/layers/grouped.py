@@ -270,7 +270,7 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
     x_md = take_rows(x_td, token, inv.reshape(t, k)) if by_gather else x_td[token]
     if impl == "gmm":  # one more group: the rows for no expert here, never computed
         gs = jnp.zeros((n_exp + 1,), jnp.int32).at[sorted_key].add(1)
-        y_md = gmm_swiglu(x_md.astype(dtype), wg_edf, wu_edf, wd_efd, gs, interpret=interpret)
+        y_md = gmm_swiglu(x_md.astype(dtype), wg_edf, wu_edf, wd_efd, gs, weight, interpret=interpret)
     elif impl == "ragged" and lora is not None:
         y_md = ragged_lora(x_md.astype(dtype), wg_edf, wu_edf, wd_efd, group_sizes, lora, scale, rate)
     elif impl == "ragged":
@@ -300,7 +300,7 @@ def expert_ffn(x_td: jax.Array, idx_tk: jax.Array, w_tk: jax.Array, wg_edf: jax.
             y_nbd = blocks_forward(x_nbd, r_nb, wg_edf, wu_edf, wd_efd, block_expert, n_used, unroll, layer, lora,
                                     scale)
         y_md = y_nbd.reshape(n_blocks * b, -1).at[dest].get(mode="fill", fill_value=0)  # weighted inside
-    if impl in ("gmm", "ragged"):
+    if impl == "ragged":
         y_md = y_md * weight[:, None].astype(dtype)
     if by_gather:
         return take_rows(y_md, inv, order[:, None]).reshape(t, k, -1).sum(1)  # each token's k rows, summed

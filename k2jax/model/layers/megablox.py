@@ -27,9 +27,13 @@ def tiles(m: int, k: int, n: int) -> tuple[int, int, int]:
 
 
 def gmm_swiglu(x_md: jax.Array, wg_edf: jax.Array, wu_edf: jax.Array, wd_efd: jax.Array, group_sizes: jax.Array,
-               *, interpret: bool = False) -> jax.Array:
-    """SwiGLU_e of rows sorted by expert: [m, d] -> [m, d]; group_sizes [e + 1], whose last group is the rows no
-    expert here takes (other shards' experts, padding): they are never computed and come back zero.
+               weight_m: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """weight · SwiGLU_e of rows sorted by expert: [m, d] -> [m, d]; group_sizes [e + 1], whose last group is the
+    rows no expert here takes (other shards' experts, padding): they are never computed and come back zero.
+
+    Each row's routing weight scales its hidden row before the down projection (the same product): the weight's
+    gradient is then Σ_f dh·h from the down projection's input gradient, and no remat policy has to keep or
+    recompute the [m, d] outputs for it.
 
     The kernels' group offset makes them visit only the e local groups' row tiles; their own custom VJP gives
     the input gradient by `gmm` with the kernel transposed and the weight gradient by `tgmm`.
@@ -47,5 +51,6 @@ def gmm_swiglu(x_md: jax.Array, wg_edf: jax.Array, wu_edf: jax.Array, wd_efd: ja
 
     g = checkpoint_name(gmm(x, wg_edf), "moe_hidden")
     u = checkpoint_name(gmm(x, wu_edf), "moe_hidden")
-    y = gmm((jax.nn.silu(g) * u).astype(dt), wd_efd)
+    w = jnp.pad(weight_m.astype(jnp.float32), (0, pad))[:, None]
+    y = gmm((jax.nn.silu(g) * u * w).astype(dt), wd_efd)
     return y[:m]

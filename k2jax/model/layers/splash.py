@@ -52,7 +52,8 @@ def _kernels(heads: int, positions: np.ndarray, block: int, shards: int, interpr
     mask = sm.MultiHeadMask([causal] * heads)
     make = functools.partial(sk.make_splash_mha, mask, block_sizes=sizes, head_shards=1, q_seq_shards=shards,
                              interpret=interpret)
-    return make(save_residuals=False), make(save_residuals=True)
+    # the forward's output and log-sum-exp carry remat names, so save_moe_attn keeps them for the backward kernels
+    return make(save_residuals=False, residual_checkpoint_name="attn_out"), make(save_residuals=True)
 
 
 @jax.custom_vjp
@@ -65,12 +66,22 @@ def _attend(plain, with_lse, q_htk, k_htk, v_htv, seg_q, seg_k):
 
 
 def _attend_fwd(plain, with_lse, q_htk, k_htk, v_htv, seg_q, seg_k):
-    return _attend(plain, with_lse, q_htk, k_htk, v_htv, seg_q, seg_k), (plain, q_htk, k_htk, v_htv, seg_q, seg_k)
+    # one forward kernel call: the plain kernel's own forward rule, whose residuals (q, k, v, output, log-sum-exp)
+    # its backward kernels read; the log-sum-exp is taken from them rather than from a second forward
+    out, vjp = jax.vjp(lambda q, k, v: plain(q, k, v, segment_ids=sk.SegmentIds(seg_q, seg_k)), q_htk, k_htk, v_htv)
+    return (out, _residual_lse(vjp, q_htk.shape[:2])), vjp
 
 
-def _attend_bwd(res, cts):
-    plain, q_htk, k_htk, v_htv, seg_q, seg_k = res
-    _, vjp = jax.vjp(lambda q, k, v: plain(q, k, v, segment_ids=sk.SegmentIds(seg_q, seg_k)), q_htk, k_htk, v_htv)
+def _residual_lse(vjp, shape: tuple[int, int]) -> jax.Array:
+    """The log-sum-exp [h, tq] among the splash kernel's VJP residuals: its only float32 array of that shape."""
+    found = [x for x in jax.tree.leaves(vjp) if x.shape == shape and x.dtype == jnp.float32]
+    if len(found) != 1:  # the kernel's residuals changed with the installed JAX
+        raise RuntimeError(f"splash attention: expected one float32 {shape} log-sum-exp among the kernel's residuals, "
+                           f"found {len(found)}")
+    return found[0]
+
+
+def _attend_bwd(vjp, cts):
     return (None, None, *vjp(cts[0]), None, None)  # the log-sum-exp feeds only the (stop-gradient) max logit
 
 
