@@ -51,6 +51,6 @@ def gmm_swiglu(x_md: jax.Array, wg_edf: jax.Array, wu_edf: jax.Array, wd_efd: ja
 
     g = checkpoint_name(gmm(x, wg_edf), "moe_hidden")
     u = checkpoint_name(gmm(x, wu_edf), "moe_hidden")
-    w = jnp.pad(weight_m.astype(jnp.float32), (0, pad))[:, None]
-    y = gmm((jax.nn.silu(g) * u * w).astype(dt), wd_efd)
+    w = jnp.pad(weight_m, (0, pad)).astype(dt)[:, None]  # in the rows' dtype: no float32 [m, f] product
+    y = gmm(jax.nn.silu(g) * u * w, wd_efd)
     return y[:m]
