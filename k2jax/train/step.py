@@ -324,7 +324,7 @@ def analytic_train_flops(config: K2Config, tokens: int, seq: int, lora: LoraConf
     _, active = param_count(config)
     c = config
     active_matmul = active - c.vocab_size * c.hidden_size  # the embedding lookup is not a matmul
-    attn = 6 * c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq * tokens / 2
+    attn = _attention_flops(config, tokens, seq)
     if lora is None:
         return 6.0 * active_matmul * tokens + attn
     return 4.0 * active_matmul * tokens + 6.0 * active_adapter_params(config, lora) * tokens + attn
@@ -337,8 +337,13 @@ def analytic_train_flops_parts(config: K2Config, tokens: int, seq: int) -> dict[
     c = config
     total = analytic_train_flops(config, tokens, seq)
     routed = 6.0 * c.num_moe_layers * c.num_experts_per_tok * 3 * c.hidden_size * c.moe_intermediate_size * tokens
-    attn = 6 * c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq * tokens / 2
+    attn = _attention_flops(config, tokens, seq)
     return {"routed experts": routed, "attention": attn, "the rest": total - routed - attn}
+
+
+def _attention_flops(c: K2Config, tokens: int, seq: int) -> float:
+    """QK^T and PV over the causal half, forward + backward: 6·layers·heads·(qk + v)·seq·tokens/2."""
+    return 6 * c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq * tokens / 2
 
 
 def active_adapter_params(config: K2Config, lora: LoraConfig) -> int:
