@@ -62,7 +62,7 @@ def test_moe_layer_compiled_for_tpu_counts_the_kernels_flops():
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state)
     x = jax.ShapeDtypeStruct((2, 2048, c.hidden_size), jnp.bfloat16, sharding=sh)
     loss = lambda s, x: nnx.merge(graphdef, s)(x)[0].astype(jnp.float32).sum()  # noqa: E731
-    compiled = jax.jit(jax.grad(loss, (0, 1))).lower(state, x).compile()
+    compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(state, x).compile()  # the forward is used
     names = re.findall(r"%([\w.]+) = [^\n]*custom_call_target=\"tpu_custom_call\"", compiled.as_text())
     assert len(names) == 9 and sum("tgmm" in n for n in names) == 3, names
     ratio = aot._cost(compiled, aot.CHIPS["v5p"])[0] / (3 * ideal_moe_flops(4096, c))
@@ -72,3 +72,9 @@ def test_moe_layer_compiled_for_tpu_counts_the_kernels_flops():
     assert kernel_flops(compiled.as_text(), "gmm") == routed
     # what they may visit beyond those rows: one 512-row tile per expert (16) per call (9), at 2·k·n a row
     assert gmm_tile_allowance(compiled.as_text()) == 9 * c.n_routed_experts * 512 * routed / 9 / 16384
+    # under remat keeping save_moe's names no expert matmul runs twice: the routing weights scale the hidden rows,
+    # so their gradient needs no unweighted output (10 calls when it did); saving nothing runs gate and up again
+    for kept, calls in ((("moe_in", "moe_hidden"), 9), ((), 11)):
+        remat = jax.checkpoint(loss, policy=jax.checkpoint_policies.save_only_these_names(*kept))
+        text = jax.jit(jax.value_and_grad(remat, (0, 1))).lower(state, x).compile().as_text()
+        assert len(re.findall(r"%[\w.]*gmm[\w.]* = [^\n]*tpu_custom_call", text)) == calls, kept
