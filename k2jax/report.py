@@ -165,14 +165,16 @@ class Report:
         if not self.parts:
             return []
         width = max(len(k) for k in self.parts)
-        return ["    where they go (without the update), compiled / analytic:"] + [
+        out = ["    where they go (without the update), compiled / analytic:"] + [
             f"      {name:<{width}} {got:.4e} / {want:.4e} = {got / max(want, 1):.3f}"
-            for name, (got, want) in self.parts.items()] + ([
-            f"      (the gmm kernels visit only the row tiles holding rows: at most "
-            f"{self.grouped_visits:.4e} = {self.grouped_visits / max(want, 1):.3f} of the routed experts' count; "
-            f"ratio without the update counted so "
-            f"{(self.flops - self.optimizer_flops - got + self.grouped_visits) / max(self.analytic_flops, 1):.3f})"
-            for got, want in list(self.parts.values())[:1]] if self.grouped_visits else [])
+            for name, (got, want) in self.parts.items()]
+        if self.grouped_visits:  # the first part is then the grouped-matmul kernels'
+            got, want = next(iter(self.parts.values()))
+            model = self.flops - self.optimizer_flops - got + self.grouped_visits
+            out.append(f"      (the gmm kernels visit only the row tiles holding rows: at most "
+                       f"{self.grouped_visits:.4e} = {self.grouped_visits / max(want, 1):.3f} of the routed experts' "
+                       f"count; ratio without the update counted so {model / max(self.analytic_flops, 1):.3f})")
+        return out
 
     def lines(self, peak: float) -> list[str]:
         gib = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
