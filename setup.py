@@ -22,6 +22,7 @@ setup(
         "ml_dtypes>=0.5",
         "etils[epath]>=1.7",  # one path layer for local files and gs:// (Orbax uses it too)
         "gcsfs>=2024.2",  # gs:// workdirs, checkpoints and data through etils.epath
+        "google-crc32c>=1.5",  # the CRC-32C of TensorBoard event records (gcsfs brings it too)
         "jinja2>=3.1",  # the chat template that ships with a checkpoint, rendered as transformers renders it
         "tqdm>=4.66",  # progress bars for conversion, long generation and compilation (terminals and notebooks)
     ],

@@ -8,24 +8,38 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
+# one persistent compilation cache for every process the test session starts: both xdist workers (the controller
+# makes it before they start, and they inherit the variables), the command-line runs the tests start and the
+# notebooks' kernels (JAX reads JAX_COMPILATION_CACHE_DIR when it starts; a CLI without --compilation_cache_dir
+# takes it). Every program is kept, however quickly it compiled: the ones each process builds again (the model's
+# initialisation, Orbax's per-array copies when saving, the same train step in another test) are loaded instead.
+# Tests of the CLIs' own default cache remove the variable from their commands' environment.
+_MADE = "K2JAX_TEST_XLA_CACHE" not in os.environ
+if _MADE:
+    os.environ["K2JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="k2jax-test-xla-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["K2JAX_TEST_XLA_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-# one persistent compilation cache for the session's test processes (both xdist workers: the controller makes it
-# before they start, and they inherit the variable): tests that build the same program again (a fresh Trainer of
-# the same config, the same step on another fixture) load it instead of compiling it.
-# Only in-process compiles: the CLI runs the tests start keep their own caches, as users' runs do.
-_MADE = "K2JAX_TEST_XLA_CACHE" not in os.environ
-if _MADE:
-    os.environ["K2JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="k2jax-test-xla-cache-")
 jax.config.update("jax_compilation_cache_dir", os.environ["K2JAX_TEST_XLA_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 from k2jax.model.config import load_config, load_preset  # noqa: E402
 from k2jax.testing.reference import GROUPED, build_hf_model  # noqa: E402
 
 TINY_RUN = load_preset("tiny")[1]  # the tiny preset's execution settings (float32 parameters and compute)
+
+
+@pytest.fixture
+def libtpu_env(monkeypatch):
+    """The variables that let this process load libtpu to compile for a TPU topology beside other processes that
+    hold it (no metadata-server query, several loads allowed); restored after the test."""
+    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +89,21 @@ LONGEST_FIRST = ["test_lora.py", "test_pod.py", "test_notebooks.py", "test_resum
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
+
+
+_TIMES = []  # the "seconds" properties tests record (times measured, printed, never asserted)
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _TIMES.extend(value for key, value in report.user_properties if key == "seconds")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _TIMES:
+        terminalreporter.write_sep("-", "times measured by the tests (figures, not verdicts)")
+        for line in sorted(_TIMES):
+            terminalreporter.write_line(line)
 
 
 def pytest_sessionfinish(session):

@@ -59,12 +59,11 @@ def test_search_candidates_use_every_chip_and_divide_the_model():
     assert all(parse_mesh_spec(m).get("expert", 1) <= 16 for m in candidate_meshes(16, k2))
 
 
-def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes(monkeypatch):
+def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes(monkeypatch, libtpu_env):
     """The reported memory is the compiled module's own memory_analysis (the FLOPs count, cost=True, is checked
     with the kernels in tests/test_tpu_kernels.py)."""
     import math
 
-    os.environ.update(TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     import k2jax
     from k2jax import aot
 
@@ -92,9 +91,8 @@ def test_tiny_train_and_decode_compile_for_v5p_with_expert_and_tensor_axes(monke
     assert dec.fits and dec.total_bytes > 0 and dec.flops > 0
 
 
-def test_moe_layer_compiled_for_tpu_stays_near_the_ideal_flops():
+def test_moe_layer_compiled_for_tpu_stays_near_the_ideal_flops(libtpu_env):
     """One MoE layer, forward and backward, 4096 tokens, compiled for a v5p chip: <= 1.25x the ideal FLOPs."""
-    os.environ.update(TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     import jax
     import jax.numpy as jnp
     from flax import nnx

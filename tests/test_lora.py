@@ -90,8 +90,8 @@ def test_routed_expert_lora_forward_and_gradients_match_float64_numpy(impl):
     assert rel(dx, dx_ref) <= 1e-6, rel(dx, dx_ref)
     for name, a, b in zip(("A_gate", "B_gate", "A_up", "B_up", "A_down", "B_down"), dlo, g_ref):
         assert rel(a, b) <= 1e-6, (name, rel(a, b))
-        used = np.unique(idx)
-        assert np.abs(b[used]).min() > 0  # every used expert's factors get a gradient
+        used = np.unique(idx)  # every used expert's factors get a gradient from the implementation, not only in
+        assert np.abs(a[used]).reshape(len(used), -1).max(axis=1).min() > 0, name  # the reference
     # positive control: the same comparison flags an adapter applied to the wrong expert
     swapped = [a[::-1].copy() for a in lo]
     y_bad = _numpy_expert_lora(x, idx, w, base, swapped, s, ct)[0]

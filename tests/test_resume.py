@@ -27,6 +27,7 @@ def run_args(small_tokenizer, tmp_path_factory):
 
 def _env(devices=1):
     env = dict(os.environ)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the runs' own default cache (WORKDIR/compile_cache) is tested here
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     return env

@@ -14,7 +14,6 @@ from conftest import TINY_RUN
 from k2jax.data.chat import ChatSource
 from k2jax.data.pipeline import make_dataset
 from k2jax.errors import DataError
-from k2jax.text.chat import apply_chat_template
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
@@ -39,35 +38,37 @@ def _write(path, records):
     return str(path)
 
 
-def _expected_weights(record, tok):
-    """Weights computed apart from the loader: render the conversation prefix by prefix; the tokens an assistant
-    message adds after the generation prompt of the prefix before it are the ones it generates."""
-    msgs, tools = record["messages"], record.get("tools")
-    full = tok.encode(apply_chat_template(msgs, tools, add_generation_prompt=False), allow_special="all")
-    weights = np.zeros(len(full), np.int32)
-    for k, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        start = len(tok.encode(apply_chat_template(msgs[:k], tools, add_generation_prompt=True), allow_special="all"))
-        end = len(tok.encode(apply_chat_template(msgs[:k + 1], tools, add_generation_prompt=False), allow_special="all"))
-        assert full[:end] == tok.encode(apply_chat_template(msgs[:k + 1], tools, add_generation_prompt=False),
-                                        allow_special="all")  # a prefix renders to a prefix of the ids
-        weights[start:end] = 1
-    return np.asarray(full, np.int32), weights
+# CONVERSATION in K2's chat format, written out by hand from K2's published template: the pieces the loader must
+# weight (True: what the assistant generates, its <|im_end|> included) and those it must not (False)
+RENDERED = [
+    (False, '<|im_system|>tool_declare<|im_middle|>[{"type":"function","function":{"name":"get_weather",'
+            '"description":"Weather of a city","parameters":{"type":"object","properties":{"city":{"type":"string"}}}}}]'
+            '<|im_end|><|im_system|>system<|im_middle|>You are a terse assistant.<|im_end|>'
+            '<|im_user|>alice<|im_middle|>What is the weather in Paris?<|im_end|><|im_assistant|>assistant<|im_middle|>'),
+    (True, 'Let me check.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0'
+           '<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>'),
+    (False, '<|im_system|>get_weather<|im_middle|>## Return of functions.get_weather:0\n18 C, sunny<|im_end|>'
+            '<|im_assistant|>assistant<|im_middle|>'),
+    (True, 'It is 18 C and sunny in Paris.<|im_end|>'),
+]
+
+
+def _literal_tokens(tok):
+    """(tokens, loss weights) of RENDERED: each piece encoded alone, weighted as written."""
+    pieces = [tok.encode(text, allow_special="all") for _, text in RENDERED]
+    tokens = np.concatenate(pieces).astype(np.int32)
+    weights = np.concatenate([np.full(len(p), int(w), np.int32) for (w, _), p in zip(RENDERED, pieces)])
+    # every piece's edge is a special token, so the pieces' tokens are the whole text's
+    assert tokens.tolist() == tok.encode("".join(text for _, text in RENDERED), allow_special="all")
+    return tokens, weights
 
 
 def test_loss_weights_are_exactly_the_assistant_generated_tokens(small_tokenizer, tmp_path):
     path = _write(tmp_path / "one.jsonl", [CONVERSATION])
     item = ChatSource(path, small_tokenizer.path, 1024)[0]
-    tokens, weights = _expected_weights(CONVERSATION, small_tokenizer)
+    tokens, weights = _literal_tokens(small_tokenizer)
     np.testing.assert_array_equal(item["tokens"], tokens)
     np.testing.assert_array_equal(item["weights"], weights)
-    # the weighted spans are the assistant's content, its tool-call section and the <|im_end|> closing its turn
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], weights, [0]])))
-    spans = [small_tokenizer.decode(tokens[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2])]
-    assert spans == ["Let me check.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
-                     "<|tool_call_argument_begin|>{\"city\": \"Paris\"}<|tool_call_end|><|tool_calls_section_end|>"
-                     "<|im_end|>", "It is 18 C and sunny in Paris.<|im_end|>"]
 
 
 def test_packing_keeps_every_weight_on_its_token(small_tokenizer, tmp_path):
@@ -80,8 +81,9 @@ def test_packing_keeps_every_weight_on_its_token(small_tokenizer, tmp_path):
             r = {"messages": r["messages"][:2] + [{"role": "assistant", "content": f"Short {i}."}]}
         records.append(r)
     source = ChatSource(_write(tmp_path / "many.jsonl", records), small_tokenizer.path, 256)
-    wanted = {tuple(_expected_weights(r, small_tokenizer)[0]): _expected_weights(r, small_tokenizer)[1]
-              for r in records}
+    # each conversation's own tokens and weights, before packing (their rendering is the test above's)
+    wanted = {tuple(source[i]["tokens"].tolist()): source[i]["weights"] for i in range(len(source))}
+    assert len(wanted) == len(records)
     ds = make_dataset(source, small_tokenizer.path, seq_len=256, batch_size=2, seed=0, num_epochs=1,
                       drop_remainder=False)
     seen = 0
@@ -119,7 +121,7 @@ def test_malformed_records_name_file_and_line(small_tokenizer, tmp_path, line, r
 
 def test_long_conversations_are_dropped_or_truncated_at_a_turn_boundary(small_tokenizer, tmp_path):
     path = _write(tmp_path / "long.jsonl", [CONVERSATION])
-    tokens, weights = _expected_weights(CONVERSATION, small_tokenizer)
+    tokens, weights = _literal_tokens(small_tokenizer)
     first_answer_end = int(np.flatnonzero(weights)[0]) + int(np.argmin(weights[np.flatnonzero(weights)[0]:]))
     seq = first_answer_end + 5  # room for the turns up to the first answer, not for the rest
     short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
@@ -170,12 +172,13 @@ def _first_step(trainer, source, batch):
     return float(loss), jax.tree.leaves(jax.device_get(grads))
 
 
-def test_init_from_hf_and_from_its_conversion_start_identically(converted, tiny_config, tmp_path):
-    from k2jax.testing.reference import write_fp8_release
+def test_init_from_hf_and_from_its_conversion_start_identically(converted, hf_tiny, tiny_config, tmp_path):
+    from k2jax.testing.reference import hf_logits, write_fp8_release
     from k2jax.train.optim import OptimConfig
     from k2jax.train.step import Trainer
 
     hf_dir, k2_dir = converted
+    hf_tiny_model = hf_tiny[1]
     trainer = Trainer(tiny_config, OptimConfig(), k2jax.make_mesh("", devices=jax.devices()[:1]), execution=TINY_RUN)
     tokens = np.random.default_rng(0).integers(0, tiny_config.vocab_size, (2, 32)).astype(np.int32)
     batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens), "positions": np.tile(np.arange(32), (2, 1))}
@@ -186,14 +189,46 @@ def test_init_from_hf_and_from_its_conversion_start_identically(converted, tiny_
         np.testing.assert_array_equal(a, b)  # bitwise, float32
     fp8 = tmp_path / "fp8"
     fp8.mkdir()
-    write_fp8_release(hf_dir, str(fp8))
+    dequant = write_fp8_release(hf_dir, str(fp8))
     from k2jax.ckpt.convert import import_hf
 
     fp8_k2 = import_hf(str(fp8), str(tmp_path / "fp8_k2"), dtype="float32", quiet=True)
     loss_fp8, grads_fp8 = _first_step(trainer, str(fp8), batch)
-    assert (loss_fp8, grads_fp8[0].tolist()) == (_first_step(trainer, fp8_k2, batch)[0],
-                                                 _first_step(trainer, fp8_k2, batch)[1][0].tolist())
-    assert abs(loss_fp8 - loss_hf) < 0.05 * loss_hf  # the same model up to FP8 rounding
+    loss_fp8_k2, grads_fp8_k2 = _first_step(trainer, fp8_k2, batch)
+    assert loss_fp8 == loss_fp8_k2
+    for a, b in zip(grads_fp8, grads_fp8_k2):
+        np.testing.assert_array_equal(a, b)
+    # the FP8 release starts the trainer from its dequantised weights: logits of transformers holding those
+    # weights (the blocks dequantised by the plain NumPy loop of k2jax.testing.reference) within float32 rounding
+    got = _start_logits(trainer, str(fp8), tokens)
+    want = _dequantised_logits(hf_tiny_model, dequant, tokens)
+    tol = 1e-4
+    assert np.abs(got - want).max() <= tol, np.abs(got - want).max()
+    # positive control: the comparison tells the FP8 weights from the float32 ones they were rounded from
+    assert np.sqrt(np.mean((hf_logits(hf_tiny_model, tokens) - want) ** 2)) > 10 * tol
+
+
+def _start_logits(trainer, source, tokens):
+    """Logits of the model the trainer starts from when initialised from `source`."""
+    from flax import nnx
+
+    from k2jax.train.resume import load_weights
+
+    state = trainer.init_state(model_state=load_weights(source, trainer))
+    return np.asarray(nnx.merge(trainer.graphdef, state.params, state.bias)(tokens))
+
+
+def _dequantised_logits(torch_model, dequant, tokens):
+    """float32 logits of a copy of `torch_model` holding the {official name: array} weights `dequant`."""
+    import copy
+
+    import torch
+
+    from k2jax.testing.reference import hf_logits, load_official_names
+
+    model = copy.deepcopy(torch_model)
+    load_official_names(model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in dequant.items()})
+    return hf_logits(model, tokens)
 
 
 def test_init_from_refuses_a_disagreeing_config_and_architecture_sets(converted, tmp_path):
@@ -248,19 +283,27 @@ def test_sft_from_converted_weights_learns_the_assistant_pattern(converted, smal
 
 
 def _held_out_loss_at_start(k2_dir, held, tok):
-    """The held-out assistant loss of the converted weights, before any step (the Trainer's own evaluation)."""
-    from k2jax.ckpt.orbax import read_config, resolve_step_dir
-    from k2jax.data.pipeline import global_batch
-    from k2jax.train.resume import load_weights
-    from k2jax.train.optim import OptimConfig
-    from k2jax.train.step import Trainer
-
-    config, _ = read_config(resolve_step_dir(k2_dir))
-    trainer = Trainer(config, OptimConfig(), k2jax.make_mesh("", devices=jax.devices()[:1]),
-                      execution=TINY_RUN)
-    state = trainer.init_state(model_state=load_weights(k2_dir, trainer))
-    ds = make_dataset(ChatSource(held, tok.path, 128), tok.path, seq_len=128, batch_size=8, num_epochs=1)
-    return trainer.evaluate(state, [global_batch(b, trainer.mesh, trainer.rules) for b in ds])["eval_loss"]
+    """The held-out assistant loss of the converted weights before any step, computed apart from the trainer: the
+    conversations unpacked (right-padded) through Model.logits, a float64 cross-entropy on the tokens the assistant
+    generates (each target weighted by its own loss weight)."""
+    model = k2jax.load(k2_dir, dtype="float32")
+    source = ChatSource(held, tok.path, 128)
+    items = [source[i] for i in range(len(source))]
+    tokens = np.zeros((len(items), 128), np.int32)
+    for row, item in enumerate(items):
+        tokens[row, :len(item["tokens"])] = item["tokens"]
+    logits = np.asarray(model.logits(tokens), np.float64)  # causal: the padding after a row changes none of it
+    ce, n = 0.0, 0
+    for row, item in enumerate(items):
+        t = len(item["tokens"])
+        z = logits[row, : t - 1]
+        logp = z - z.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        at = item["weights"][1:] != 0
+        ce -= logp[np.arange(t - 1), item["tokens"][1:]][at].sum()
+        n += int(at.sum())
+    assert n > 10 * len(items)
+    return ce / n
 
 
 def test_generate_cli_chat_carries_the_first_reply_into_the_second_turn(converted, small_tokenizer):

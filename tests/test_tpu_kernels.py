@@ -3,7 +3,6 @@ dispatch: the megablox grouped matmul and splash attention give one device's and
 (skewed routing; packed documents and padding), drops are counted exactly past a capacity, and the kernels are
 in the module compiled for v5p and v6e with their FLOPs counted."""
 
-import os
 import re
 
 import jax
@@ -167,13 +166,13 @@ def _tpu_kernels(hlo: str) -> list[str]:
 
 
 @pytest.mark.parametrize("topology, layout", [("v5p-8", "expert=4"), ("v6e-8", "context=2,expert=4")])
-def test_tiny_train_step_compiles_for_tpu_with_the_kernels_and_all_to_all(monkeypatch, topology, layout):
+def test_tiny_train_step_compiles_for_tpu_with_the_kernels_and_all_to_all(monkeypatch, topology, layout,
+                                                                          libtpu_env):
     """k2jax-compile's train step (tiny preset, all-to-all dispatch) for v5p-8 and v6e-8 (the sequence split over
     `context` there): the Pallas grouped matmuls (forward and both gradients of the MoE layers' scanned body) and
     splash attention are in the compiled module,
     the tokens travel by all-to-all, and the report counts the kernels (FLOPs within a few times the analytic
     count) and the bytes each collective moves."""
-    os.environ.update(TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     import k2jax
     from k2jax import aot
 
@@ -202,6 +201,7 @@ def test_tiny_train_step_compiles_for_tpu_with_the_kernels_and_all_to_all(monkey
         assert 1.0 < (report.flops - report.optimizer_flops) / report.analytic_flops < 4.0 and report.seconds > 0
         # by part (grouped-matmul kernels, splash, the rest): they add up to the model's FLOPs and the analytic count
         (moe, want_moe), (attn, want_attn), (rest, want_rest) = report.parts.values()
+        open("/tmp/k2_ratios.txt", "a").write(repr(dict(total=(report.flops - report.optimizer_flops) / report.analytic_flops, moe=moe/want_moe, attn=attn/want_attn, rest=rest/want_rest, opt=report.optimizer_flops, flops=report.flops, analytic=report.analytic_flops, parts=report.parts)) + "\n")  # TEMP
         assert moe + attn + rest == pytest.approx(report.flops - report.optimizer_flops, rel=1e-9)
         assert want_moe + want_attn + want_rest == pytest.approx(report.analytic_flops, rel=1e-9)
         assert 2.0 <= moe / want_moe <= 2.1, moe / want_moe  # the row buffers of capacity factor 2
@@ -290,11 +290,10 @@ def test_tiny_model_with_the_kernels_gives_the_xla_logits(hf_tiny):
     assert "@gmm" in text and "splash" in text
 
 
-def test_splash_kernels_flops_are_counted_by_the_report():
+def test_splash_kernels_flops_are_counted_by_the_report(libtpu_env):
     """Splash attention compiled for v5p carries no cost estimate (XLA counts ~0 for it); the report's count of its
     calls equals XLA's count of the one-score-matrix forward times the causal blocks' share (10 of 16 at 2048
     tokens in blocks of 512; 36 of 64 split over 4 context shards), and the backward's calls add dq and dk/dv."""
-    os.environ.update(TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     from jax.sharding import SingleDeviceSharding
 
     from k2jax import aot
