@@ -6,7 +6,13 @@ The public names below are imported on first use, so `import k2jax` loads neithe
 
 import importlib
 
+from k2jax.runtime import quiet_library_import
+
 __version__ = "0.1.0"
+
+# on a host with no accelerator, JAX on the CPU alone: an installed libtpu (the test extras bring it) would otherwise
+# print its probe errors at the first JAX call, as the command-line tools already avoid; a user's choice stands
+quiet_library_import()
 
 # public name -> the module that defines it
 _PUBLIC = {

@@ -227,9 +227,9 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
                  + ("" if over > chip.hbm_bytes or not cost else f"; counting FLOPs with 2- and 3-layer unrolled "
                     f"builds of {flops_batch} sequences"))
     if over > chip.hbm_bytes or not cost:  # the verdict is known (or only it was asked for): no FLOPs builds
-        return Report(topology, dict(mesh.shape), "finetune" if lora is not None else "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
-                      mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, float("nan"),
-                      analytic(config, batch * seq, seq), float("nan"), batch * seq, secs, 0)
+        return Report(**_memory_fields(topology, mesh, "finetune" if lora is not None else "train", chip, len(devices), mem),
+                      flops=float("nan"), analytic_flops=analytic(config, batch * seq, seq), seconds=float("nan"),
+                      tokens=batch * seq, compile_s=secs, collective_bytes=0)
 
     def costs(small, run):  # (step FLOPs, seconds, update FLOPs, seconds, step's and update's bytes by kind)
         c, _, small_trainer = _compile_train(small, run, mesh, flops_batch, seq, 1, lora=lora, base_quant=base_quant)
@@ -257,11 +257,19 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
                                                      grouped, splash)
     # what the grouped-matmul kernels visit: the routed rows (at most the analytic count) plus partial tiles
     visits = min(grouped, next(iter(parts.values()))[1] + allowance) if grouped and parts else 0.0
-    return Report(topology, dict(mesh.shape), "finetune" if lora is not None else "train", len(devices), chip.hbm_bytes, mem.argument_size_in_bytes,
-                  mem.output_size_in_bytes, mem.temp_size_in_bytes, mem.alias_size_in_bytes, flops * len(devices),
-                  analytic(config, batch * seq, seq), seconds, batch * seq, secs,
-                  collective_bytes(compiled.as_text()), opt * len(devices), moved,
-                  dict(zip(KINDS, per_step[4 + n:4 + 2 * n])), chip.ici_bandwidth, parts, visits)
+    return Report(**_memory_fields(topology, mesh, "finetune" if lora is not None else "train", chip, len(devices), mem),
+                  flops=flops * len(devices), analytic_flops=analytic(config, batch * seq, seq), seconds=seconds,
+                  tokens=batch * seq, compile_s=secs, collective_bytes=collective_bytes(compiled.as_text()),
+                  optimizer_flops=opt * len(devices), collectives=moved,
+                  optimizer_collectives=dict(zip(KINDS, per_step[4 + n:4 + 2 * n])), ici_bandwidth=chip.ici_bandwidth,
+                  parts=parts, grouped_visits=visits)
+
+
+def _memory_fields(topology: str, mesh, mode: str, chip, chips: int, mem) -> dict:
+    """The Report fields every compile fills the same way: where it ran and the compiled module's memory."""
+    return dict(topology=topology, mesh=dict(mesh.shape), mode=mode, chips=chips, hbm_bytes=chip.hbm_bytes,
+                argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+                temp_bytes=mem.temp_size_in_bytes, alias_bytes=mem.alias_size_in_bytes)
 
 
 def _flops_parts(config: K2Config, tokens: int, seq: int, model: float, grouped: float, splash: float) -> dict:
@@ -333,10 +341,9 @@ def compile_decode(config: K2Config, topology: str, mesh_spec: str, *, batch: in
         analytic = 2.0 * active * t + c.num_hidden_layers * c.num_attention_heads * context * batch * 2.0 * (
             prefill_chunk * (c.qk_head_dim + c.v_head_dim) + c.kv_lora_rank * (c.qk_nope_head_dim + c.v_head_dim))
         mode = f"prefill chunk ({prefill_chunk} tokens x batch {batch}, the last of a {context}-token cache, {cache_dtype})"
-    return Report(topology, dict(mesh.shape), mode,
-                  len(devices), chip.hbm_bytes, mem.argument_size_in_bytes, mem.output_size_in_bytes,
-                  mem.temp_size_in_bytes, mem.alias_size_in_bytes, flops * len(devices) * scale, analytic,
-                  seconds * scale, batch * (prefill_chunk or 1), secs, collective_bytes(compiled.as_text()))
+    return Report(**_memory_fields(topology, mesh, mode, chip, len(devices), mem), flops=flops * len(devices) * scale,
+                  analytic_flops=analytic, seconds=seconds * scale, tokens=batch * (prefill_chunk or 1), compile_s=secs,
+                  collective_bytes=collective_bytes(compiled.as_text()))
 
 
 def candidate_meshes(chips: int, config: K2Config) -> list[str]:

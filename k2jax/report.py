@@ -18,7 +18,12 @@ _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "
 
 
 def _sizes(types: str) -> list[int]:
-    return [_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in _SHAPE.findall(types)]
+    out = []
+    for dt, dims in _SHAPE.findall(types):
+        if dt not in _BYTES:  # a wrong guess would misstate every byte count built on it
+            raise ValueError(f"HLO element type {dt!r} in {types!r}: its size is unknown to k2jax.report._BYTES")
+        out.append(_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d))
+    return out
 
 
 def group_size(attrs: str) -> int:
@@ -118,7 +123,7 @@ def collective_bytes(hlo_text: str) -> int:
                    for types, kind, start, _ in _OP.findall(hlo_text)))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Report:
     """What one AOT compilation tells: per-chip memory, FLOPs, estimated time, collectives."""
 

@@ -54,3 +54,19 @@ def reexec_with_host_malloc() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, list(sys.orig_argv), env)
+
+
+def quiet_library_import() -> None:
+    """quiet_platforms for `import k2jax` in a user's program: the environment variable when JAX is not imported
+    yet, JAX's own setting when it is but has started no backend; nothing once a backend runs or the user chose."""
+    if "jax" not in sys.modules:
+        quiet_platforms()
+        return
+    import jax
+    from jax._src import xla_bridge
+
+    if jax.config.jax_platforms or "JAX_PLATFORMS" in os.environ or accelerator_present():
+        return
+    if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")
+

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import k2jax
-from k2jax.ckpt.convert import import_hf
+from k2jax.ckpt.convert import export_hf, import_hf
 from k2jax.ckpt.safetensors import CheckpointError, SafetensorsFolder, write_safetensors
 from k2jax.testing.reference import build_hf_model, dequant_reference, hf_logits, write_fp8_release
 
@@ -92,6 +92,37 @@ def test_bf16_round_trip_is_bit_exact_and_loads_in_transformers(hf_tiny, tmp_pat
     assert np.abs(np.asarray(model.logits(tokens_2x64)) - hf_logits(original, tokens_2x64)).max() <= 1e-4
 
 
+def test_token_ids_a_folder_leaves_unset_stay_unset_and_ids_outside_the_vocabulary_are_refused(tiny_config, tmp_path):
+    """A folder saved by transformers' DeepseekV3Config defaults (no pad id) with a vocabulary smaller than K2's
+    special-token range: the exported config.json has the source's token ids, no K2 pad id, and transformers
+    loads it (it refused an out-of-vocabulary pad id: the positive control); an id outside the vocabulary in a
+    source config.json is refused at load, naming the field."""
+    import json
+
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+
+    from k2jax.errors import ConfigError
+
+    small = tiny_config.replace(vocab_size=777, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    src = tmp_path / "src"
+    build_hf_model(small, str(src))
+    raw = json.load(open(src / "config.json"))
+    ids = {k: raw.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    assert ids["pad_token_id"] is None  # what transformers writes by default
+    export_hf(import_hf(str(src), str(tmp_path / "ck"), dtype="float32", quiet=True), str(tmp_path / "back"),
+              quiet=True)
+    back = json.load(open(tmp_path / "back" / "config.json"))
+    assert {k: back.get(k) for k in ids} == ids, back
+    DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "back"), dtype=torch.float32)
+    bad = dict(back, pad_token_id=163839)  # K2's pad id, which the earlier export wrote whatever the vocabulary
+    json.dump(bad, open(tmp_path / "back" / "config.json", "w"))
+    with pytest.raises(Exception, match="(?i)padding_idx"):
+        DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "back"), dtype=torch.float32)
+    with pytest.raises(ConfigError, match="config field 'pad_token_id': id 163839 is outside the vocabulary"):
+        k2jax.load_hf(str(tmp_path / "back"))
+
+
 def test_fp8_export_requantises_in_the_official_layout(hf_tiny, tmp_path):
     import_hf(hf_tiny[0], str(tmp_path / "ck"), dtype="float32", quiet=True)
     from k2jax.ckpt.convert import export_hf
@@ -112,7 +143,7 @@ def test_fp8_export_reimported_through_the_cli_keeps_every_tensor_within_its_bou
     within fp8's rounding (2^-4 relative, plus one subnormal step at the largest block scale); the embedding,
     lm_head and norms stay bfloat16 and the router and its bias float32, bit for bit."""
     from k2jax.ckpt.orbax import resolve_step_dir
-    from k2jax.ckpt.convert import leaf_reader
+    from k2jax.ckpt.orbax import leaf_reader
     from k2jax.model.params import spec_of
 
     ck, fp8, back = (str(tmp_path / n) for n in ("ck", "fp8", "back"))
@@ -305,3 +336,38 @@ def test_folders_saved_by_transformers_load_and_mtp_tensors_are_dropped(hf_tiny,
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(k2jax.CheckpointError, match=f"unknown tensor names.*model.layers.{layer}.eh_proj"):
         k2jax.load_hf(str(folder))
+
+
+def test_a_converted_step_restores_through_orbaxs_own_manager_and_other_releases_are_refused(hf_tiny, tmp_path,
+                                                                                              monkeypatch):
+    """The step k2jax-convert writes (Orbax's metadata written by hand, to stream) restores through the installed
+    orbax-checkpoint's public CheckpointManager, model and config items alike, to the source's tensors; an
+    orbax-checkpoint release whose layout was not checked is refused before anything is written."""
+    import orbax.checkpoint as ocp
+
+    from k2jax.ckpt import convert
+    from k2jax.ckpt.hf import tensor_maps, units
+
+    out = tmp_path / "ck"
+    step_dir = import_hf(hf_tiny[0], str(out), dtype="float32", quiet=True)
+    with ocp.CheckpointManager(str(out), options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
+        assert mgr.all_steps() == [int(os.path.basename(step_dir))]
+        got = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(model=ocp.args.StandardRestore(),
+                                                                    config=ocp.args.JsonRestore()))
+    assert got.config["architecture"]["vocab_size"] == k2jax.load_config("tiny").vocab_size
+    src = SafetensorsFolder(hf_tiny[0])
+    _, abstract = k2jax.abstract_model(k2jax.load_config("tiny"))
+    checked = 0
+    for m in tensor_maps(k2jax.load_config("tiny"), abstract):
+        leaf = got.model
+        for key in m.path:
+            leaf = leaf[key]
+        for idx, name in units(m):  # every source tensor, where the converter put it
+            np.testing.assert_array_equal(np.asarray(leaf)[idx], m.to_unit(np.asarray(src.get(name), np.float32)))
+            checked += 1
+    assert checked > 10
+    convert.check_orbax_layout()  # the installed release passes
+    monkeypatch.setattr(ocp, "__version__", "0.13.0")
+    with pytest.raises(CheckpointError, match="orbax-checkpoint 0.13.0 is installed"):
+        import_hf(hf_tiny[0], str(tmp_path / "refused"), dtype="float32", quiet=True)
+    assert not os.path.exists(tmp_path / "refused")

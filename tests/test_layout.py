@@ -26,7 +26,7 @@ LAYERS = [
     ("cli",),
 ]
 # inside k2jax.model, the same rule by module
-MODEL_LAYERS = [("config", "params", "sharding", "cache", "quant"), ("layers",), ("transformer",), ("init", "adapters")]
+MODEL_LAYERS = [("config", "params", "sharding", "cache", "quant"), ("factory",), ("layers",), ("transformer",), ("init", "adapters")]
 
 
 def _level(layers, name):
@@ -113,3 +113,65 @@ def test_public_names_resolve(name):
 def test_no_module_over_400_lines():
     long = {os.path.relpath(p, ROOT): n for p, _ in _modules() if (n := sum(1 for _ in open(p))) > 400}
     assert not long, long
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{module: the k2jax modules it imports} over the whole package (function-local imports included; an import
+    of a package counts as its __init__, `from PKG import NAME` as the module PKG.NAME where one exists)."""
+    modules = {".".join(parts): path for path, parts in _modules()}
+    graph = {}
+    for name, path in modules.items():
+        with open(path) as f:
+            targets = set()
+            for _, target in _k2jax_imports(f.read()):
+                for n in range(len(target), 0, -1):  # the longest prefix that is a module
+                    if ".".join(target[:n]) in modules:
+                        targets.add(".".join(target[:n]))
+                        break
+        graph[name] = targets - {name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm): each is an import circle."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circle_anywhere_in_the_package():
+    """No two modules reach each other through imports, inside a package or across packages."""
+    graph = import_graph()
+    assert len(graph) > 50 and sum(map(len, graph.values())) > 100  # the graph was read
+    assert not import_cycles(graph), import_cycles(graph)
+
+
+def test_the_circle_check_finds_circles():
+    """Positive control: a three-module circle and a two-module one are found, a chain is not."""
+    found = import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"e"}, "e": {"d"}, "f": {"a"}})
+    assert found == [["a", "b", "c"], ["d", "e"]]
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []

@@ -189,3 +189,28 @@ def test_adamw_with_schedule_clipping_and_decay_mask_matches_float64_numpy(tiny_
                                    err_msg=str(k))
     wrong = numpy_adamw(decay_norms=True)  # positive control
     assert max(np.abs(got[k] - wrong[k]).max() for k in want if spec_of(k).group == "adam_nodecay") > 1e-4
+
+
+def test_the_schedule_ends_at_a_tenth_of_whichever_peak_was_given_and_never_rises_past_it():
+    """min_learning_rate unset follows the peak (a tenth of it, for any learning_rate given); a minimum above the
+    peak, or below zero, is refused naming both fields; --lr's default is OptimConfig's."""
+    from k2jax.cli import train as train_cli
+    from k2jax.errors import ConfigError
+    from k2jax.model.config import override
+    from k2jax.train.optim import make_schedule
+
+    for peak in (1e-5, 3e-3, 0.5):
+        o = override(OptimConfig(learning_rate=3e-3, warmup_steps=3, total_steps=20), {"learning_rate": str(peak)})
+        lrs = np.asarray([float(make_schedule(o)(s)) for s in range(25)])
+        assert lrs.max() == pytest.approx(peak, rel=1e-6) and lrs[-1] == pytest.approx(peak / 10, rel=1e-6), lrs
+        assert np.all(np.diff(lrs[3:]) <= 1e-12 * peak)  # after the warm-up it only falls
+    # positive control: the minimum the CLI used to fix from --lr's default under `--opt learning_rate=1e-5`
+    # (bypassing the check) makes the schedule decay upwards, which the check refuses
+    bad = OptimConfig(learning_rate=1e-5, warmup_steps=3, total_steps=20)
+    object.__setattr__(bad, "min_learning_rate", 3e-4)
+    assert float(make_schedule(bad)(19)) > 1e-4
+    with pytest.raises(ConfigError, match=r"min_learning_rate \(0.0003\) .* learning_rate \(1e-05\)"):
+        OptimConfig(learning_rate=1e-5, min_learning_rate=3e-4)
+    with pytest.raises(ConfigError, match="min_learning_rate"):
+        OptimConfig(min_learning_rate=-1.0)
+    assert train_cli.FLAGS["lr"].default == OptimConfig.learning_rate

@@ -28,15 +28,30 @@ def test_collective_bytes_are_read_per_kind_and_group():
     assert group_size("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}") == 2
 
 
+def test_an_element_type_of_unknown_size_is_refused_not_guessed():
+    """A collective over a type whose size the reader does not know raises naming it (a guessed 4 bytes would
+    misstate the bytes); the known types of the same line are read (positive control)."""
+    import pytest
+
+    from k2jax.report import collective_moves
+
+    line = "%ag = {t}[8,16]{{1,0}} all-gather(%x), replica_groups={{{{0,1}}}}, dimensions={{0}}\n"
+    assert collective_moves(line.format(t="bf16"))["all-gather"] > 0
+    with pytest.raises(ValueError, match="'f4e2m1fn'"):
+        collective_moves(line.format(t="f4e2m1fn"))
+
+
 def test_a_memory_only_report_prints_no_cost_lines():
     """cost=False (FLOPs and time not measured): the report ends at the memory verdict, with no 'nan' figures;
     with FLOPs measured it goes on to MFU."""
     from k2jax.report import Report
 
-    args = ("v5p-8", {"fsdp": 4}, "train", 4, 95 * 2**30, 2**30, 2**30, 2**30, 2**30)
-    bare = Report(*args, float("nan"), 1e15, float("nan"), 4096, 1.0, 0).lines(459e12)
+    args = dict(topology="v5p-8", mesh={"fsdp": 4}, mode="train", chips=4, hbm_bytes=95 * 2**30, argument_bytes=2**30,
+                output_bytes=2**30, temp_bytes=2**30, alias_bytes=2**30, analytic_flops=1e15, tokens=4096,
+                compile_s=1.0, collective_bytes=0)
+    bare = Report(**args, flops=float("nan"), seconds=float("nan")).lines(459e12)
     assert len(bare) == 3 and bare[-1].endswith("FITS") and "nan" not in "\n".join(bare)
-    full = Report(*args, 2e15, 1e15, 2.0, 4096, 1.0, 0).lines(459e12)
+    full = Report(**args, flops=2e15, seconds=2.0).lines(459e12)
     assert any("MFU" in line for line in full) and "nan" not in "\n".join(full)
 
 

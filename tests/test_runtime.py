@@ -84,3 +84,23 @@ def test_each_console_script_runs_as_installed(script, flag):
     assert r.returncode == 0, r.stderr[-2000:]
     assert flag in r.stdout, r.stdout[-2000:]
     assert "TPU" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("jax_first", [False, True])
+def test_the_library_on_a_host_without_tpu_prints_no_libtpu_errors(jax_first, tmp_path):
+    """`import k2jax` then a JAX call, in a user's program with libtpu installed (the test extras): no libtpu
+    probe errors, whether jax was imported first or not; a JAX_PLATFORMS the user set is kept. The positive
+    control is test_commands_on_a_host_without_tpu_do_not_print_libtpu_errors's plain JAX run."""
+    import subprocess
+
+    env = {**{k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")
+              and not k.startswith("TPU_")}, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    code = ("import jax\n" if jax_first else "") + (
+        "import k2jax, jax\nm = k2jax.random_model(k2jax.load_config('tiny'))\nprint(jax.default_backend(), m.config.vocab_size)")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["cpu", "4096"], r.stdout
+    assert "Failed to find host bounds" not in r.stderr and "TPU_WORKER_HOSTNAMES" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-c", "import k2jax, os; print(os.environ['JAX_PLATFORMS'])"],
+                       env={**env, "JAX_PLATFORMS": "cpu,tpu"}, capture_output=True, text=True, timeout=300)
+    assert r.stdout.split() == ["cpu,tpu"], r.stdout + r.stderr

@@ -26,33 +26,18 @@ from flax import nnx
 
 from k2jax import storage
 from k2jax.progress import bar
-from k2jax.ckpt.hf import FP8_BLOCK, HFSource, TensorMap, tensor_maps
-from k2jax.ckpt.orbax import config_to_json, read_config, resolve_step_dir
+from k2jax.ckpt.hf import FP8_BLOCK, HFSource, TensorMap, tensor_maps, units
+from k2jax.ckpt.orbax import config_to_json, leaf_name, leaf_reader, read_config, resolve_step_dir, write_json
 from k2jax.ckpt.safetensors import SafetensorsFolder, write_safetensors
 from k2jax.errors import CheckpointError
 from k2jax.model.config import PARAM_DTYPES, Execution, K2Config, from_hf_config, mtp_prefixes, to_hf_config
 from k2jax.model.init import abstract_model
-from k2jax.model.layers.common import dtype_of
+from k2jax.model.factory import dtype_of
 from k2jax.model.params import spec_of
 
 STEP = 0
 CHUNK_BYTES = 32 * 2**20
 _ZARR_DTYPE = {np.dtype(np.float32): "<f4", np.dtype(ml_dtypes.bfloat16): "bfloat16"}
-
-
-def leaf_name(path: tuple[str, ...]) -> str:
-    """Orbax's directory name of a model leaf (its dict keys joined by dots)."""
-    return ".".join(path)
-
-
-def _units(m: TensorMap):
-    """(index into the destination array, HF name) of every source tensor of a destination array."""
-    layers = [None] if m.layers is None else list(enumerate(m.layers))
-    experts = [None] if not m.n_experts else list(range(m.n_experts))
-    for lay in layers:
-        for e in experts:
-            idx = ((lay[0],) if lay is not None else ()) + ((e,) if e is not None else ())
-            yield idx, m.template.format(layer=lay[1] if lay is not None else None, e=e)
 
 
 def _spec(path: str, shape, chunks, dtype, create: bool):
@@ -80,6 +65,24 @@ class Progress:
         self.bar.close()
 
 
+# the orbax-checkpoint releases whose on-disk layout _finalize writes (its metadata files and handler names are
+# Orbax's own, written here so a conversion streams without holding the model): tests/test_convert.py restores a
+# converted step through Orbax's CheckpointManager of the installed release
+ORBAX_LAYOUT = ((0, 12), (0, 13))  # from, before
+
+
+def check_orbax_layout(version: str | None = None) -> None:
+    """Refuses, before any work, an orbax-checkpoint release whose layout the converter was not checked against."""
+    import orbax.checkpoint as ocp
+
+    version = version or ocp.__version__
+    found = tuple(int(p) for p in version.split(".")[:2])
+    if not ORBAX_LAYOUT[0] <= found < ORBAX_LAYOUT[1]:
+        want = ".".join(map(str, ORBAX_LAYOUT[0]))
+        raise CheckpointError(f"orbax-checkpoint {version} is installed; k2jax-convert writes the checkpoint layout of "
+                              f"orbax-checkpoint {want}.x (setup.py pins it): install that release")
+
+
 def _digest(a: np.ndarray) -> str:
     return hashlib.blake2b(_bytes(a), digest_size=16).hexdigest()
 
@@ -91,6 +94,7 @@ def import_hf(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", workers:
     Units over `chunk_bytes` are written in strips of at most that size (when their shape allows)."""
     if dtype not in PARAM_DTYPES:
         raise CheckpointError(f"--dtype: expected one of {list(PARAM_DTYPES)}, got {dtype!r}")
+    check_orbax_layout()
     config = from_hf_config(hf_dir)
     _, abstract = abstract_model(config, execution=Execution(param_dtype=dtype, dtype=dtype))
     maps = tensor_maps(config, abstract)
@@ -115,7 +119,7 @@ def import_hf(hf_dir: str, output_dir: str, *, dtype: str = "bfloat16", workers:
         path = os.path.join(stage, "model", leaf_name(m.path))
         arrays[m.path] = (path, dt, chunks)
         store = _spec(path, m.shape, chunks, dt, create=not os.path.exists(os.path.join(path, ".zarray")))
-        for idx, name in _units(m):
+        for idx, name in units(m):
             jobs.append((m, path, store, idx, name, dt, split))
     progress = Progress(len(jobs), quiet)
     todo = []
@@ -254,11 +258,11 @@ def _finalize(stage: str, final: str, config: K2Config, dtype: str, arrays, abst
             "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(shape)}}
     meta = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
             "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
-    _write_json(os.path.join(stage, "model", "_METADATA"), meta)
+    write_json(os.path.join(stage, "model", "_METADATA"), meta)
     os.makedirs(os.path.join(stage, "config"), exist_ok=True)
-    _write_json(os.path.join(stage, "config", "metadata"), config_to_json(config, dtype))
+    write_json(os.path.join(stage, "config", "metadata"), config_to_json(config, dtype))
     now = time.time_ns()
-    _write_json(os.path.join(stage, "_CHECKPOINT_METADATA"), {
+    write_json(os.path.join(stage, "_CHECKPOINT_METADATA"), {
         "item_handlers": {
             "config": "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler",
             "model": "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"},
@@ -274,25 +278,7 @@ def _finalize(stage: str, final: str, config: K2Config, dtype: str, arrays, abst
     os.replace(stage, final)
 
 
-def _write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)
-
-
 # ------------------------------------------------------------------------------------------------ export
-def _open_leaf(item_dir: str, name: str):
-    """A tensorstore view of one saved leaf, whether the item was written with OCDBT (training) or not; the
-    item may be local or in a bucket (gs://)."""
-    if storage.exists(storage.join(item_dir, name, ".zarray")):
-        kv = (storage.join(item_dir, name) + "/" if storage.is_url(item_dir)
-              else {"driver": "file", "path": os.path.join(item_dir, name)})
-        return ts.open({"driver": "zarr", "kvstore": kv}, open=True).result()
-    base = item_dir.rstrip("/") + "/" if storage.is_url(item_dir) else f"file://{item_dir}"
-    return ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": base, "path": name}},
-                   open=True).result()
-
-
 def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float W [out, in] -> (e4m3 W, float32 scale_inv [ceil(out/128), ceil(in/128)]) with W ≈ fp8 · scale."""
     out, inp = w.shape
@@ -304,18 +290,6 @@ def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.where(amax > 0, amax / float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max), 1.0).astype(np.float32)
     q = (blocks / scale[:, None, :, None]).reshape(padded.shape)[:out, :inp]
     return q.astype(ml_dtypes.float8_e4m3fn), scale
-
-
-def leaf_reader(item_dir: str):
-    """read(path, idx) -> one unit (an array at a layer/expert index) of a saved model item, stores opened once."""
-    stores = {}
-
-    def read(path: tuple[str, ...], idx: tuple[int, ...]) -> np.ndarray:
-        if path not in stores:
-            stores[path] = _open_leaf(item_dir, leaf_name(path))
-        return np.asarray(stores[path][idx].read().result())
-
-    return read
 
 
 def export_hf(checkpoint_dir: str, output_dir: str, *, fp8: bool = False, shard_bytes: int = 5 * 2**30,
@@ -343,10 +317,10 @@ def export_hf(checkpoint_dir: str, output_dir: str, *, fp8: bool = False, shard_
     os.makedirs(output_dir, exist_ok=True)
     hf_dtype = dtype_of(saved_dtype)
     shards, current, size = [], {}, 0
-    total = sum(1 for m in maps for _ in _units(m))
+    total = sum(1 for m in maps for _ in units(m))
     progress = Progress(total, quiet)
     for m in maps:
-        for idx, name in _units(m):
+        for idx, name in units(m):
             unit = read_unit(m.path, idx)
             hf = np.ascontiguousarray(m.to_hf(unit))
             tensors = {}
@@ -377,11 +351,11 @@ def export_hf(checkpoint_dir: str, output_dir: str, *, fp8: bool = False, shard_
         for k, v in tensors.items():
             weight_map[k] = fname
             total_size += v.nbytes
-    _write_json(os.path.join(output_dir, "model.safetensors.index.json"),
+    write_json(os.path.join(output_dir, "model.safetensors.index.json"),
                 {"metadata": {"total_size": total_size}, "weight_map": weight_map})
     hf_config = to_hf_config(config, saved_dtype)
     if fp8:
         hf_config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                             "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
-    _write_json(os.path.join(output_dir, "config.json"), hf_config)
+    write_json(os.path.join(output_dir, "config.json"), hf_config)
     return output_dir

@@ -62,6 +62,16 @@ class TensorMap:
         return unit.reshape(rows, -1).T
 
 
+def units(m: TensorMap):
+    """(index into the destination array, HF name) of every source tensor of a destination array."""
+    layers = [None] if m.layers is None else list(enumerate(m.layers))
+    experts = [None] if not m.n_experts else list(range(m.n_experts))
+    for lay in layers:
+        for e in experts:
+            idx = ((lay[0],) if lay is not None else ()) + ((e,) if e is not None else ())
+            yield idx, m.template.format(layer=lay[1] if lay is not None else None, e=e)
+
+
 def tensor_maps(config: K2Config, abstract_state) -> list[TensorMap]:
     """Every k2jax parameter with the HF tensors it comes from (names from k2jax.model.params)."""
     layers_of = stack_layers(config)

@@ -13,6 +13,7 @@ import json
 
 from k2jax import storage
 from k2jax.ckpt import orbax as ckpt
+from k2jax.ckpt.hf import units
 from k2jax.errors import CheckpointError
 from k2jax.model.config import K2Config
 from k2jax.model.layers.lora import LoraConfig
@@ -108,7 +109,6 @@ def merged_unit_reader(step_dir: str, rec, config: K2Config, maps, base: str = "
     checked by hash) plus (alpha/r)·A·B of its adapter, in float32. Each adapter unit is read as it is needed."""
     import numpy as np
 
-    from k2jax.ckpt.convert import leaf_reader
 
     lora, ref = rec
     path = check_base(ref, step_dir, base, flag="--base")
@@ -122,8 +122,8 @@ def merged_unit_reader(step_dir: str, rec, config: K2Config, maps, base: str = "
         def read_base(p, idx):
             return source.read(p, tuple(slice(i, i + 1) for i in idx)).reshape(source.maps[p].unit_shape)
     else:
-        read_base = leaf_reader(storage.join(ckpt.resolve_step_dir(path), "model"))
-    read_adapter = leaf_reader(storage.join(step_dir, "model"))
+        read_base = ckpt.leaf_reader(storage.join(ckpt.resolve_step_dir(path), "model"))
+    read_adapter = ckpt.leaf_reader(storage.join(step_dir, "model"))
 
     def read(p: tuple[str, ...], idx: tuple[int, ...]):
         w = np.asarray(read_base(p, idx), np.float32)
@@ -157,7 +157,6 @@ def export_peft(checkpoint_dir: str, output_dir: str) -> str:
 
     import numpy as np
 
-    from k2jax.ckpt.convert import _units, _write_json, leaf_reader
     from k2jax.ckpt.hf import tensor_maps
     from k2jax.ckpt.safetensors import write_safetensors
     from k2jax.model.init import abstract_model
@@ -175,14 +174,14 @@ def export_peft(checkpoint_dir: str, output_dir: str) -> str:
                               "--lora_targets=attn,experts")
     config, _ = ckpt.read_config(step_dir)
     _, abstract = abstract_model(config)
-    read = leaf_reader(storage.join(step_dir, "model"))
+    read = ckpt.leaf_reader(storage.join(step_dir, "model"))
     tensors = {}
     for m in tensor_maps(config, abstract):
         keys = _adapter_keys(lora, m.path)
         if keys is None:
             continue
         a_path, b_path, _, _ = keys
-        for idx, name in _units(m):
+        for idx, name in units(m):
             module = name.removesuffix(".weight")
             a, b = read(a_path, idx), read(b_path, idx)
             tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(
@@ -191,7 +190,7 @@ def export_peft(checkpoint_dir: str, output_dir: str) -> str:
                 b.reshape(b.shape[0], -1).T.astype(np.float32))
     os.makedirs(output_dir, exist_ok=True)
     write_safetensors(os.path.join(output_dir, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
-    _write_json(os.path.join(output_dir, "adapter_config.json"), {
+    ckpt.write_json(os.path.join(output_dir, "adapter_config.json"), {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout, "target_modules": [n for t in lora.targets for n in PEFT_TARGETS[t]],
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,

@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
 
 from k2jax import storage
@@ -239,3 +242,40 @@ def check_shapes(step_dir: str, abstract) -> None:
             raise CheckpointError(f"{step_dir}: tensor {name} is missing (expected shape {list(shape)})")
         if have[name] != shape:
             raise CheckpointError(f"{step_dir}: tensor {name} has shape {list(have[name])}, expected {list(shape)}")
+
+
+# ------------------------------------------------------------------------------------------------ leaves, read alone
+def leaf_name(path: tuple[str, ...]) -> str:
+    """Orbax's directory name of a model leaf (its dict keys joined by dots)."""
+    return ".".join(path)
+
+
+def _open_leaf(item_dir: str, name: str):
+    """A tensorstore view of one saved leaf, whether the item was written with OCDBT (training) or not; the
+    item may be local or in a bucket (gs://)."""
+    if storage.exists(storage.join(item_dir, name, ".zarray")):
+        kv = (storage.join(item_dir, name) + "/" if storage.is_url(item_dir)
+              else {"driver": "file", "path": os.path.join(item_dir, name)})
+        return ts.open({"driver": "zarr", "kvstore": kv}, open=True).result()
+    base = item_dir.rstrip("/") + "/" if storage.is_url(item_dir) else f"file://{item_dir}"
+    return ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": base, "path": name}},
+                   open=True).result()
+
+
+def leaf_reader(item_dir: str):
+    """read(path, idx) -> one unit (an array at a layer/expert index) of a saved model item, stores opened once."""
+    stores = {}
+
+    def read(path: tuple[str, ...], idx: tuple[int, ...]) -> np.ndarray:
+        if path not in stores:
+            stores[path] = _open_leaf(item_dir, leaf_name(path))
+        return np.asarray(stores[path][idx].read().result())
+
+    return read
+
+
+def write_json(path: str, obj) -> None:
+    """Writes a local JSON file whole or not at all (a temporary file renamed into place)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)

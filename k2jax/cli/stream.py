@@ -7,7 +7,7 @@ def stream_one(model, prompt_ids, sample) -> str:
     """Generates for one prompt, printing text as tokens arrive; returns the text without stop tokens."""
     tok = model.tokenizer
     state = {"ids": [], "shown": ""}
-    stops = {model.config.eos_token_id, tok.im_end_id}
+    stops = {model.config.eos_token_id, tok.im_end_id} - {None}
 
     def stream(step, tokens, done):
         t = int(tokens[0])

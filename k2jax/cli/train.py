@@ -9,6 +9,7 @@ import jax
 from absl import flags
 
 from k2jax.cli.common import config_from_flags, run_main, use_compilation_cache
+from k2jax.train.optim import OptimConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "Preset name, preset file (configs/tiny.py) or HF config.json.")
@@ -22,7 +23,8 @@ flags.DEFINE_integer("steps", 300, "Train until this step.")
 flags.DEFINE_integer("batch", 8, "Global batch size in sequences.")
 flags.DEFINE_integer("seq", 256, "Sequence length.")
 flags.DEFINE_integer("microbatches", 1, "Gradient accumulation microbatches per step.")
-flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
+flags.DEFINE_float("lr", OptimConfig.learning_rate, "Peak learning rate (the decay ends at a tenth of it unless "
+                   "--opt min_learning_rate=... sets it).")
 flags.DEFINE_integer("warmup", 30, "Warm-up steps.")
 flags.DEFINE_integer("save_every", 100, "Checkpoint interval in steps.")
 flags.DEFINE_integer("keep", 3, "Checkpoints kept.")
@@ -146,7 +148,6 @@ def main(argv):
     from k2jax import storage
     from k2jax.model.config import override, parse_assignments
     from k2jax.train.loop import RunConfig, train
-    from k2jax.train.optim import OptimConfig
 
     config, execution = config_from_flags(FLAGS.config, FLAGS.set) if not FLAGS.init_from else init_settings()
     opt_sets = parse_assignments(FLAGS.opt, "--opt")
@@ -156,8 +157,8 @@ def main(argv):
         if FLAGS.base_dtype:
             quantised = FLAGS.base_dtype in ("int8", "fp8")
             execution = execution.replace(param_dtype="bfloat16" if quantised else FLAGS.base_dtype)
-    optim = override(OptimConfig(learning_rate=FLAGS.lr, warmup_steps=FLAGS.warmup, total_steps=FLAGS.steps,
-                                 min_learning_rate=FLAGS.lr / 10), opt_sets)
+    # --opt learning_rate=... wins over --lr; min_learning_rate follows whichever was given unless set itself
+    optim = override(OptimConfig(learning_rate=FLAGS.lr, warmup_steps=FLAGS.warmup, total_steps=FLAGS.steps), opt_sets)
     mesh = k2jax.make_mesh(FLAGS.mesh)
     run = RunConfig(workdir=FLAGS.workdir, steps=FLAGS.steps, batch=FLAGS.batch, seq=FLAGS.seq,
                     microbatches=FLAGS.microbatches, save_every=FLAGS.save_every, keep=FLAGS.keep,

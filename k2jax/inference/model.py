@@ -117,7 +117,7 @@ class Model:
                 raise DecodeError("prompts are strings but no tokenizer is attached (model.attach_tokenizer(path))")
             prompts = [self.tokenizer.encode(p, allow_special="all") for p in prompts]
         if stop is None:
-            stop = [self.config.eos_token_id] + ([self.tokenizer.im_end_id] if self.tokenizer else [])
+            stop = [t for t in (self.config.eos_token_id, self.tokenizer and self.tokenizer.im_end_id) if t is not None]
         from k2jax import progress
 
         shown = None

@@ -14,7 +14,8 @@ from flax import nnx
 
 from k2jax.model.config import Execution, K2Config
 from k2jax.model.layers.attention import MLAttention
-from k2jax.model.layers.common import MLP, RMSNorm, dtype_of, param
+from k2jax.model.factory import dtype_of, param
+from k2jax.model.layers.common import MLP, RMSNorm
 from k2jax.model.layers.context import check_length, context_size, from_balanced, to_balanced
 from k2jax.model.layers.moe import MoE
 from k2jax.model.layers.rope import rope_cos_sin, yarn_inv_freq

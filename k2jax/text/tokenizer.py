@@ -161,7 +161,7 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer {self.path} has {self.vocab_size} ids but config field 'vocab_size' "
                                  f"is {config.vocab_size}; expected a vocabulary of at most {config.vocab_size}")
         for field, tid in (("bos_token_id", self.bos_id), ("eos_token_id", self.eos_id)):
-            if getattr(config, field) != tid:
+            if getattr(config, field) is not None and getattr(config, field) != tid:
                 raise TokenizerError(f"tokenizer {self.path}: [{field[:3].upper()}] is id {tid} but config field "
                                      f"'{field}' is {getattr(config, field)}")
 

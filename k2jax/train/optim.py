@@ -22,8 +22,8 @@ class OptimConfig:
     """Optimizer and schedule settings (train-time, apart from the model config)."""
 
     optimizer: str = "muonclip"  # muonclip | adamw
-    learning_rate: float = 2e-4
-    min_learning_rate: float = 2e-5
+    learning_rate: float = 3e-3  # the peak; k2jax-train's --lr takes its default from here
+    min_learning_rate: float | None = None  # where the decay ends; None: a tenth of learning_rate, whichever was given
     schedule: str = "wsd"  # wsd | cosine | constant
     warmup_steps: int = 500
     decay_steps: int = 0  # wsd: length of the final decay; 0 = 20% of total steps
@@ -65,12 +65,22 @@ class OptimConfig:
             raise ConfigError(f"optimizer: expected 'muonclip' or 'adamw', got {self.optimizer!r}")
         if self.schedule not in ("wsd", "cosine", "constant"):
             raise ConfigError(f"schedule: expected 'wsd', 'cosine' or 'constant', got {self.schedule!r}")
+        if self.learning_rate < 0:
+            raise ConfigError(f"learning_rate: expected >= 0, got {self.learning_rate}")
+        if self.min_learning_rate is not None and not 0 <= self.min_learning_rate <= self.learning_rate:
+            raise ConfigError(f"min_learning_rate ({self.min_learning_rate}) must lie between 0 and learning_rate "
+                              f"({self.learning_rate}): the schedule would decay upwards or below zero")
+
+    @property
+    def final_learning_rate(self) -> float:
+        """The learning rate the decay ends at: min_learning_rate, or a tenth of learning_rate when unset."""
+        return self.learning_rate / 10 if self.min_learning_rate is None else self.min_learning_rate
 
 
 def make_schedule(o: OptimConfig) -> optax.Schedule:
     """Warm-up-stable-decay (K2's: linear warm-up, constant, cosine decay to min) or warm-up + cosine."""
     warm = max(o.warmup_steps, 0)
-    peak, low, total = o.learning_rate, o.min_learning_rate, max(o.total_steps, 1)
+    peak, low, total = o.learning_rate, o.final_learning_rate, max(o.total_steps, 1)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)

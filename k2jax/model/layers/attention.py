@@ -11,7 +11,8 @@ from flax import nnx
 from k2jax.model import cache as kv_cache
 from k2jax.model.layers.blockwise import blockwise_attention, online_softmax_step
 from k2jax.model.layers.context import context_attention, context_size
-from k2jax.model.layers.common import RMSNorm, dtype_of, pallas_mode, param
+from k2jax.model.factory import dtype_of, param
+from k2jax.model.layers.common import RMSNorm, pallas_mode
 from k2jax.model.layers.lora import Adapter
 from k2jax.model.layers.rope import apply_rope
 from k2jax.model.layers.splash import splash_attention, splash_fits

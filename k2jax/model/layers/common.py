@@ -1,37 +1,14 @@
-"""Declared-parameter creation, dtype names, which kernels run (`pallas_mode`), RMSNorm and the SwiGLU MLP."""
+"""Which kernels run (`pallas_mode`), RMSNorm and the SwiGLU MLP."""
 
 from __future__ import annotations
-
-import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
-from k2jax.model.params import BLOCK, DENSE_FFN, MOE_FFN, TOP
-
-_DECLARED = {**TOP, **BLOCK, **DENSE_FFN, **MOE_FFN}
-
-
-def dtype_of(name: str):
-    """The jnp dtype of a config dtype name ('float32', 'bfloat16')."""
-    return jnp.dtype(name)
-
-
-def param(rngs: nnx.Rngs, key: str, shape: Sequence[int], config, execution) -> nnx.Variable:
-    """The variable declared as `key` in k2jax.model.params: its axes, initialiser, kind and dtype rule."""
-    spec = _DECLARED[key]
-    assert len(shape) == len(spec.axes), (key, shape, spec.axes)
-    dtype = jnp.float32 if spec.float32 else dtype_of(execution.param_dtype)
-    if spec.init in ("normal", "fan_in"):
-        fan_in = math.prod(shape[1 if spec.axes[0] == "experts" else 0:-1])  # an expert adapter: per expert
-        std = config.initializer_range if spec.init == "normal" else 1.0 / math.sqrt(fan_in)
-        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    else:
-        value = jnp.full(shape, 1.0 if spec.init == "ones" else 0.0, dtype)
-    return spec.kind(value, out_sharding=tuple(spec.axes), eager_sharding=False)
+from k2jax.model.factory import dtype_of, param
+from k2jax.model.layers.lora import Adapter
 
 
 def pallas_mode(execution) -> str | None:
@@ -62,7 +39,6 @@ class MLP(nnx.Module):
     kernels carry adapters (`<kernel>_lora`)."""
 
     def __init__(self, key: str, d: int, f: int, config, execution, *, rngs: nnx.Rngs, lora=None):
-        from k2jax.model.layers.lora import Adapter
 
         self.gate = param(rngs, f"{key}.gate", (d, f), config, execution)
         self.up = param(rngs, f"{key}.up", (d, f), config, execution)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.errors import ConfigError
+from k2jax.model.factory import param
 from k2jax.model.params import LORA_TARGETS
 
 
@@ -79,7 +80,6 @@ class Adapter(nnx.Module):
 
     def __init__(self, key: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...], lora: LoraConfig, config,
                  execution, *, rngs: nnx.Rngs):
-        from k2jax.model.layers.common import param
 
         self.a = param(rngs, f"{key}_lora.a", tuple(in_shape) + (lora.rank,), config, execution)
         self.b = param(rngs, f"{key}_lora.b", (lora.rank,) + tuple(out_shape), config, execution)
@@ -99,7 +99,6 @@ class ExpertAdapter(nnx.Module):
 
     def __init__(self, key: str, n_experts: int, d_in: int, d_out: int, lora: LoraConfig, config, execution, *,
                  rngs: nnx.Rngs):
-        from k2jax.model.layers.common import param
 
         self.a = param(rngs, f"{key}_lora.a", (n_experts, d_in, lora.rank), config, execution)
         self.b = param(rngs, f"{key}_lora.b", (n_experts, lora.rank, d_out), config, execution)

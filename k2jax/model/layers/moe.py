@@ -11,7 +11,8 @@ from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from k2jax.model.layers.common import MLP, dtype_of, pallas_mode, param
+from k2jax.model.factory import dtype_of, param
+from k2jax.model.layers.common import MLP, pallas_mode
 from k2jax.model.layers.dispatch import a2a_experts
 from k2jax.model.layers.grouped import ExpertLora, expert_ffn
 from k2jax.model.layers.lora import ExpertAdapter, fold
