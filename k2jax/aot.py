@@ -227,7 +227,8 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
                  + ("" if over > chip.hbm_bytes or not cost else f"; counting FLOPs with 2- and 3-layer unrolled "
                     f"builds of {flops_batch} sequences"))
     if over > chip.hbm_bytes or not cost:  # the verdict is known (or only it was asked for): no FLOPs builds
-        return Report(**_memory_fields(topology, mesh, "finetune" if lora is not None else "train", chip, len(devices), mem),
+        mode = "finetune" if lora is not None else "train"
+        return Report(**_memory_fields(topology, mesh, mode, chip, len(devices), mem),
                       flops=float("nan"), analytic_flops=analytic(config, batch * seq, seq), seconds=float("nan"),
                       tokens=batch * seq, compile_s=secs, collective_bytes=0)
 
@@ -257,7 +258,8 @@ def compile_train(config: K2Config, topology: str, mesh_spec: str, *, batch: int
                                                      grouped, splash)
     # what the grouped-matmul kernels visit: the routed rows (at most the analytic count) plus partial tiles
     visits = min(grouped, next(iter(parts.values()))[1] + allowance) if grouped and parts else 0.0
-    return Report(**_memory_fields(topology, mesh, "finetune" if lora is not None else "train", chip, len(devices), mem),
+    mode = "finetune" if lora is not None else "train"
+    return Report(**_memory_fields(topology, mesh, mode, chip, len(devices), mem),
                   flops=flops * len(devices), analytic_flops=analytic(config, batch * seq, seq), seconds=seconds,
                   tokens=batch * seq, compile_s=secs, collective_bytes=collective_bytes(compiled.as_text()),
                   optimizer_flops=opt * len(devices), collectives=moved,

@@ -26,7 +26,8 @@ LAYERS = [
     ("cli",),
 ]
 # inside k2jax.model, the same rule by module
-MODEL_LAYERS = [("config", "params", "sharding", "cache", "quant"), ("factory",), ("layers",), ("transformer",), ("init", "adapters")]
+MODEL_LAYERS = [("config", "params", "sharding", "cache", "quant"), ("factory",), ("layers",), ("transformer",),
+                ("init", "adapters")]
 
 
 def _level(layers, name):

@@ -96,7 +96,8 @@ def test_the_library_on_a_host_without_tpu_prints_no_libtpu_errors(jax_first, tm
     env = {**{k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")
               and not k.startswith("TPU_")}, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
     code = ("import jax\n" if jax_first else "") + (
-        "import k2jax, jax\nm = k2jax.random_model(k2jax.load_config('tiny'))\nprint(jax.default_backend(), m.config.vocab_size)")
+        "import k2jax, jax\nm = k2jax.random_model(k2jax.load_config('tiny'))\n"
+        "print(jax.default_backend(), m.config.vocab_size)")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["cpu", "4096"], r.stdout

@@ -42,7 +42,8 @@ def _write(path, records):
 # weight (True: what the assistant generates, its <|im_end|> included) and those it must not (False)
 RENDERED = [
     (False, '<|im_system|>tool_declare<|im_middle|>[{"type":"function","function":{"name":"get_weather",'
-            '"description":"Weather of a city","parameters":{"type":"object","properties":{"city":{"type":"string"}}}}}]'
+            '"description":"Weather of a city","parameters":{"type":"object",'
+            '"properties":{"city":{"type":"string"}}}}}]'
             '<|im_end|><|im_system|>system<|im_middle|>You are a terse assistant.<|im_end|>'
             '<|im_user|>alice<|im_middle|>What is the weather in Paris?<|im_end|><|im_assistant|>assistant<|im_middle|>'),
     (True, 'Let me check.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0'

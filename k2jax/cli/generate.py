@@ -32,6 +32,9 @@ flags.DEFINE_string("base", "", "A LoRA run's base, when it has moved from the p
                     "must hash the same).")
 flags.DEFINE_string("chat_template", "", "--chat: a jinja2 chat template file (default: the one in the tokenizer's "
                     "folder, chat_template.jinja or tokenizer_config.json, else k2jax's built-in K2 renderer).")
+flags.DEFINE_bool("heal", True, "--prompt: token healing (a prompt that ends mid-token, e.g. on a space, is continued "
+                  "as the whole text would be: its last token taken back and the first new one drawn from those that "
+                  "start with its text).")
 flags.DEFINE_string("system", None, "System prompt for --chat (default: K2's).")
 flags.mark_flag_as_required("checkpoint_dir")
 
@@ -70,7 +73,7 @@ def main(argv):
     tok = model.tokenizer
     if FLAGS.prompt is not None:
         print(FLAGS.prompt, end="", flush=True)
-        stream_one(model, tok.encode(FLAGS.prompt, allow_special="all"), sample)
+        stream_one(model, tok.encode(FLAGS.prompt, allow_special="all"), sample, heal=FLAGS.heal)
         print()
         return 0
     import os

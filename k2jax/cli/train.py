@@ -183,7 +183,7 @@ def main(argv):
         print(f"sample from {FLAGS.workdir} (step {result['final_step']}), prompt {FLAGS.sample_prompt!r}:")
         print(FLAGS.sample_prompt, end="", flush=True)
         stream_one(model, model.tokenizer.encode(FLAGS.sample_prompt),
-                    dict(max_new_tokens=FLAGS.sample_tokens, temperature=0.6, top_p=0.95, seed=FLAGS.seed))
+                   dict(max_new_tokens=FLAGS.sample_tokens, temperature=0.6, top_p=0.95, seed=FLAGS.seed), heal=True)
         print()
     return 0
 

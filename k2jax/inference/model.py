@@ -103,19 +103,27 @@ class Model:
 
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int = 0, stop=None, cache_dtype: str = "float32", stream=None,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, heal: bool = True, first_allowed=None):
         """Continues each prompt (token-id lists, or strings with a tokenizer attached).
 
         A prompt longer than `prefill_chunk` is written into the cache that many tokens at a time (bounded prefill
         memory; 0: every prompt whole).
-        Returns the new token ids per prompt, or decoded strings for string prompts. Generation of a sequence
-        ends at a stop token (default: EOS, and <|im_end|> with a tokenizer) or after max_new_tokens.
+        Returns the new token ids per prompt, or for string prompts the text that continues each. Generation of a
+        sequence ends at a stop token (default: EOS, and <|im_end|> with a tokenizer) or after max_new_tokens.
+        `heal` (string prompts): token healing, Tokenizer.heal: a prompt's last token is taken back when longer
+        tokens start with its text, and the first new token is drawn from those (`heal=False`: off; token-id
+        prompts are never healed, nor a prompt that ends on a special token). `first_allowed`: token-id prompts'
+        own allowed first tokens (Sampler.generate).
         """
         strings = bool(prompts) and isinstance(prompts[0], str)
+        removed = [b""] * len(prompts)
         if strings:
             if self.tokenizer is None:
                 raise DecodeError("prompts are strings but no tokenizer is attached (model.attach_tokenizer(path))")
             prompts = [self.tokenizer.encode(p, allow_special="all") for p in prompts]
+            if heal:
+                healed = [self.tokenizer.heal(p) for p in prompts]
+                prompts, first_allowed, removed = (list(x) for x in zip(*healed))
         if stop is None:
             stop = [t for t in (self.config.eos_token_id, self.tokenizer and self.tokenizer.im_end_id) if t is not None]
         from k2jax import progress
@@ -125,12 +133,16 @@ class Model:
             shown = progress.bar(max_new_tokens, "generating", unit="tok")
             stream = lambda step, tokens, done: shown.update(1)  # noqa: E731
         try:
-            outs = self.sampler(cache_dtype, prefill_chunk).generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                                      top_k=top_k, top_p=top_p, seed=seed, stop=stop, stream=stream)
+            outs = self.sampler(cache_dtype, prefill_chunk).generate(
+                prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                stop=stop, stream=stream, first_allowed=first_allowed)
         finally:
             if shown is not None:
                 shown.close()
-        return [self.tokenizer.decode(o) for o in outs] if strings else outs
+        if not strings:
+            return outs
+        # a healed prompt's first new token starts with the bytes taken back: the text continues the prompt after them
+        return [self.tokenizer.decode_bytes(o)[len(r):].decode("utf-8", errors="replace") for o, r in zip(outs, removed)]
 
     @property
     def module(self):

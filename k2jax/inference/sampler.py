@@ -175,11 +175,12 @@ class Sampler:
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: Sequence[int] | Sequence[Sequence[int]] = (),
-                 stream=None) -> list[list[int]]:
+                 stream=None, first_allowed: Sequence[np.ndarray | None] | None = None) -> list[list[int]]:
         """New token ids per prompt (each ends at its first stop token, which is included, or at max_new_tokens).
 
         `stop`: token ids for every sequence, or one list per sequence. `stream(step, tokens [b], done [b])` is
-        called after each token when given (the CLI prints from it).
+        called after each token when given (the CLI prints from it). `first_allowed`: per prompt, the ids its first
+        token is drawn from (None: any), the others' probabilities set to zero (token healing).
         """
         prompts = [list(map(int, p)) for p in prompts]
         max_len = self.check_request(prompts, max_new_tokens)
@@ -195,6 +196,15 @@ class Sampler:
             stop_arr[i, : len(s)] = s
         params = SamplingParams(float(temperature), int(top_k), float(top_p))
         logits, cache, lengths = self.prefill(prompts_padded, max_len)
+        if first_allowed is not None and any(a is not None for a in first_allowed):
+            if len(first_allowed) != n:
+                raise DecodeError(f"first_allowed: expected one entry per prompt ({n}), got {len(first_allowed)}")
+            mask = np.ones(logits.shape, bool)
+            for i, allowed in enumerate(first_allowed):
+                if allowed is not None:
+                    mask[i] = False
+                    mask[i, np.asarray(allowed)] = True
+            logits = jnp.where(mask, logits, -jnp.inf)  # the allowed set's mass, renormalised by the softmax
         key = jax.random.key(seed)
         if stream is None:  # the whole loop on device: no host round trip per token
             with jax.set_mesh(self.model.mesh):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
+import functools
 import os
 from typing import Collection, Iterator, Literal
 
+import numpy as np
 import tiktoken
 
 from k2jax import storage
@@ -147,6 +150,34 @@ class Tokenizer:
         if eos:
             ids.append(self.eos_id)
         return ids
+
+    @functools.cached_property
+    def _by_bytes(self) -> tuple[list[bytes], np.ndarray]:
+        """The ordinary tokens' bytes, sorted, and their ids: the prefix index token healing looks up (built once
+        per tokenizer, then a binary search per prompt)."""
+        pairs = sorted((self.encoding.decode_single_token_bytes(i), i) for i in range(self.num_base))
+        return [b for b, _ in pairs], np.asarray([i for _, i in pairs], np.int32)
+
+    def tokens_starting_with(self, prefix: bytes) -> np.ndarray:
+        """Ids of the ordinary tokens whose bytes start with `prefix` (sorted by their bytes)."""
+        keys, ids = self._by_bytes
+        lo = bisect.bisect_left(keys, prefix)
+        hi = lo
+        while hi < len(keys) and keys[hi].startswith(prefix):
+            hi += 1
+        return ids[lo:hi]
+
+    def heal(self, ids: list[int]) -> tuple[list[int], np.ndarray | None, bytes]:
+        """Token healing: (prompt without its last token, the first token's allowed ids, the bytes removed) when
+        longer tokens start with the last token's text (a prompt ending in a space, half a word or half a number
+        was cut where the text would not be); else (ids, None, b""). A special last token is never healed."""
+        if len(ids) < 2 or ids[-1] >= self.num_base:
+            return list(ids), None, b""
+        tail = self.encoding.decode_single_token_bytes(ids[-1])
+        allowed = self.tokens_starting_with(tail)
+        if len(allowed) < 2:
+            return list(ids), None, b""
+        return list(ids[:-1]), allowed, tail
 
     def decode(self, ids) -> str:
         """Text of ids; bytes that are not valid UTF-8 (a cut multi-byte char) become U+FFFD."""
