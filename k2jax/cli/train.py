@@ -65,7 +65,7 @@ flags.DEFINE_enum("base_dtype", "", ["", "bfloat16", "float32", "int8", "fp8"], 
                   "channel) or fp8 (e4m3, one scale per 128x128 block, the release's format), dequantised as each "
                   "kernel is read (embedding, lm_head, router and norms stay bfloat16). The adapters are float32.")
 flags.DEFINE_integer("sample_tokens", 48, "After training, generate this many tokens from the last checkpoint (0: none).")
-flags.DEFINE_string("sample_prompt", "def ", "Prompt of that sample.")
+flags.DEFINE_string("sample_prompt", "def main():\n", "Prompt of that sample (healed: see k2jax-generate --heal).")
 flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache: a resumed or restarted run "
                     "loads its compiled step from it instead of compiling again (default: $JAX_COMPILATION_CACHE_DIR "
                     "if set, else WORKDIR/compile_cache; 'none': off).")
@@ -185,6 +185,15 @@ def main(argv):
         stream_one(model, model.tokenizer.encode(FLAGS.sample_prompt),
                    dict(max_new_tokens=FLAGS.sample_tokens, temperature=0.6, top_p=0.95, seed=FLAGS.seed), heal=True)
         print()
+        if not FLAGS.data and FLAGS.data_format == "text":  # the embedded corpus: score the text that follows it
+            from k2jax.data.corpus import heldout_text
+            from k2jax.inference.bits import model_bits_per_byte, unigram_bits_per_byte
+
+            text = heldout_text()
+            ours = model_bits_per_byte(model, text, seq=min(FLAGS.seq, model.config.max_position_embeddings))
+            base = unigram_bits_per_byte(model.tokenizer, resolve_data(run)[0], text)
+            print(f"held-out: {ours:.3f} bits per byte on {len(text.encode()):,} bytes of stdlib text the run never "
+                  f"saw; a unigram model of the same tokenizer: {base:.3f} bits per byte")
     return 0
 
 

@@ -86,6 +86,18 @@ def default_corpus(cache_dir: str | None = None, min_bytes: int = DEFAULT_MIN_BY
     return path
 
 
+def heldout_text(num_bytes: int = 65_536, min_bytes: int = DEFAULT_MIN_BYTES) -> str:
+    """About `num_bytes` of the documents that follow the default corpus (the run never trains on them)."""
+    seen, kept, out = 0, 0, []
+    for doc in iter_documents(min_bytes + 4 * num_bytes):
+        before, seen = seen, seen + len(doc.encode("utf-8"))
+        if before >= min_bytes and kept < num_bytes:  # default_corpus stops at the document that reaches min_bytes
+            out.append(doc)
+            kept += len(doc.encode("utf-8"))
+    text = "\n\n".join(out)
+    return text.encode("utf-8")[:num_bytes].decode("utf-8", errors="ignore")
+
+
 def default_tokenizer(cache_dir: str | None = None, num_ranks: int = 3840) -> str:
     """Path of a K2-format tokenizer with `num_ranks` BPE ranks trained on the default corpus (built once)."""
     from k2jax.text.bpe import train_tokenizer_file
