@@ -11,21 +11,18 @@ import tempfile  # noqa: E402
 # one persistent compilation cache for every process the test session starts: both xdist workers (the controller
 # makes it before they start, and they inherit the variables), the command-line runs the tests start and the
 # notebooks' kernels (JAX reads JAX_COMPILATION_CACHE_DIR when it starts; a CLI without --compilation_cache_dir
-# takes it). Every program is kept, however quickly it compiled: the ones each process builds again (the model's
-# initialisation, Orbax's per-array copies when saving, the same train step in another test) are loaded instead.
-# Tests of the CLIs' own default cache remove the variable from their commands' environment.
+# takes it): a program another process of the session compiled (the model's initialisation, the same train step in
+# another test) is loaded instead. Tests of the CLIs' own default cache remove the variable from their commands.
 _MADE = "K2JAX_TEST_XLA_CACHE" not in os.environ
 if _MADE:
     os.environ["K2JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="k2jax-test-xla-cache-")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["K2JAX_TEST_XLA_CACHE"]
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", os.environ["K2JAX_TEST_XLA_CACHE"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 from k2jax.model.config import load_config, load_preset  # noqa: E402

@@ -35,14 +35,15 @@ def _execute(book, cwd, timeout=600):
 
 
 @pytest.mark.parametrize("name", sorted(BOOKS))
-def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch, record_property, small_tokenizer, hf_tiny):
+def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch, record_property, libtpu_env, small_tokenizer,
+                                     hf_tiny):
     import nbformat
 
     figures = BOOKS[name]
     monkeypatch.setenv("K2JAX_NOTEBOOK_OUT", str(tmp_path))
     monkeypatch.setenv("K2JAX_TOKENIZER", small_tokenizer.path)  # instead of training the default one
     monkeypatch.setenv("K2JAX_HF_DIR", hf_tiny[0])
-    monkeypatch.setenv("K2JAX_PROGRESS", "0")
+    monkeypatch.setenv("K2JAX_PROGRESS", "0")  # (libtpu_env: notebook 03 compiles for TPU beside parallel tests)
     book = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
     t0 = time.perf_counter()
     _execute(book, NOTEBOOKS)
