@@ -192,8 +192,8 @@ def main(argv):
             text = heldout_text()
             ours = model_bits_per_byte(model, text, seq=min(FLAGS.seq, model.config.max_position_embeddings))
             base = unigram_bits_per_byte(model.tokenizer, resolve_data(run)[0], text)
-            print(f"held-out: {ours:.3f} bits per byte on {len(text.encode()):,} bytes of stdlib text the run never "
-                  f"saw; a unigram model of the same tokenizer: {base:.3f} bits per byte")
+            print(f"held-out: {ours:.3f} bits per byte on {len(text.encode()):,} bytes of stdlib text the run never saw")
+            print(f"baseline: {base:.3f} bits per byte for a unigram model of the same tokenizer (token frequencies)")
     return 0
 
 

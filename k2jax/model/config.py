@@ -63,8 +63,7 @@ class K2Config:
     hidden_act: str = "silu"
     attention_bias: bool = False
     tie_word_embeddings: bool = False
-    # None: the source config.json does not set it (an export then leaves it unset too)
-    bos_token_id: int | None = 163584
+    bos_token_id: int | None = 163584  # None (any of the three): unset in the source config.json, and in an export
     eos_token_id: int | None = 163585
     pad_token_id: int | None = 163839
     num_nextn_predict_layers: int = 0
@@ -295,17 +294,12 @@ def from_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any], **overri
         if name in raw and raw[name] is not None:
             kw[name] = raw[name]
     kw["num_nextn_predict_layers"] = 0  # MTP layers are dropped (mtp_prefixes)
-    vocab = raw.get("vocab_size")
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        v = raw.get(name)
-        if isinstance(v, list):
-            v = v[0] if v else None
-        if v is not None and not isinstance(v, int):
-            raise ConfigError(f"{where}: config field '{name}': expected a token id, got {v!r}")
-        if v is not None and isinstance(vocab, int) and not 0 <= v < vocab:
-            raise ConfigError(f"{where}: config field '{name}': id {v} is outside the vocabulary "
-                              f"(config field 'vocab_size': {vocab})")
-        kw[name] = v  # unset stays unset (not K2's own ids, which another vocabulary may not hold)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # unset stays unset (K2's ids may not fit)
+        v = (raw[name][0] if raw[name] else None) if isinstance(raw.get(name), list) else raw.get(name)
+        if v is not None and not (isinstance(v, int) and 0 <= v < raw.get("vocab_size", v + 1)):
+            raise ConfigError(f"{where}: config field '{name}': {v!r} is not an id of the vocabulary (config field "
+                              f"'vocab_size': {raw.get('vocab_size')})")
+        kw[name] = v
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     theta = raw.get("rope_theta", rope.get("rope_theta"))
     if theta is not None:
@@ -355,8 +349,7 @@ def to_hf_config(c: K2Config, param_dtype: str = "float32") -> dict[str, Any]:
     d = {name: getattr(c, name) for name in _HF_DIRECT}
     d.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", rope_theta=c.rope_theta,
              rope_interleave=True, num_mtp_layers=0, torch_dtype=param_dtype)
-    d.update({name: getattr(c, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")
-              if getattr(c, name) is not None})
+    d.update({n: getattr(c, n) for n in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(c, n) is not None})
     if c.uses_yarn:
         d["rope_scaling"] = dict(type="yarn", rope_type="yarn", factor=c.rope_factor,
                                  original_max_position_embeddings=c.rope_original_max_position_embeddings,
