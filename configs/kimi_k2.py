@@ -43,7 +43,7 @@ CONFIG = K2Config(
     tie_word_embeddings=False,
     bos_token_id=163584,
     eos_token_id=163585,
-    pad_token_id=163839,
+    pad_token_id=None,  # K2's config.json sets none (the tokenizer's [PAD] is 163839)
     num_nextn_predict_layers=0,
 )
 

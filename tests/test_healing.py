@@ -33,8 +33,8 @@ def _log_softmax(z):
 
 def test_a_prompt_ending_in_a_space_is_continued_as_the_whole_text(model):
     """'def ' ends on a lone ' ' token: healed, the first new token is the most likely of those that start with
-    ' ' after 'def' (NumPy over Model.logits), its probability there the allowed set's renormalised mass, and the
-    rest is the greedy continuation of 'def' + that token; the text returned continues after 'def '."""
+    ' ' after 'def' (NumPy over Model.logits), and the rest is the greedy continuation of 'def' + that token; the
+    text returned continues after 'def '."""
     tok = model.tokenizer
     ids = tok.encode("def ")
     assert tok.decode([ids[-1]]) == " " and len(ids) >= 2
@@ -42,8 +42,6 @@ def test_a_prompt_ending_in_a_space_is_continued_as_the_whole_text(model):
     assert kept == ids[:-1] and removed == b" " and ids[-1] in allowed.tolist()
     logp = _log_softmax(np.asarray(model.logits(np.asarray([kept])))[0, -1])
     first = int(allowed[np.argmax(logp[allowed])])
-    renorm = np.exp(logp[allowed] - np.log(np.exp(logp[allowed]).sum()))  # the allowed set's mass, renormalised
-    assert renorm.max() == pytest.approx(np.exp(logp[first]) / np.exp(logp[allowed]).sum(), rel=1e-9)
     rest = model.generate([kept + [first]], max_new_tokens=7, stop=[])[0]
     want = (tok.decode_bytes([first] + rest)[1:]).decode("utf-8", errors="replace")
     got = model.generate(["def "], max_new_tokens=8, stop=[])[0]

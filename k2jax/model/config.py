@@ -65,7 +65,7 @@ class K2Config:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 163584  # None (any of the three): unset in the source config.json, and in an export
     eos_token_id: int | None = 163585
-    pad_token_id: int | None = 163839
+    pad_token_id: int | None = None  # K2's config.json sets none
     num_nextn_predict_layers: int = 0
     initializer_range: float = 0.02
 
